@@ -1,0 +1,11 @@
+"""Real-data DataModules: built-in datasets, ImageFolder, seeded k-shot / long-tail splits."""
+
+from lbgen.datamodules.base import REAL, SYNTHETIC, ClassificationDataset, ImageClassificationDataModule
+from lbgen.datamodules.fashion_mnist import CLASS_NAMES as FASHION_MNIST_CLASSES
+from lbgen.datamodules.fashion_mnist import FashionMNISTDataModule
+from lbgen.datamodules.image_folder import BadImageError, ImageFolderDataModule
+from lbgen.datamodules.splits import Split, long_tail_counts, make_split
+
+__all__ = ["REAL", "SYNTHETIC", "FASHION_MNIST_CLASSES", "BadImageError", "ClassificationDataset",
+           "FashionMNISTDataModule", "ImageClassificationDataModule", "ImageFolderDataModule", "Split",
+           "long_tail_counts", "make_split"]

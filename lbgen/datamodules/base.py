@@ -1,0 +1,245 @@
+"""Shared machinery of the real-image DataModules: seeded recorded splits, augmentation, dict batches."""
+
+from __future__ import annotations
+
+import json
+import os
+from abc import abstractmethod
+from pathlib import Path
+from typing import Any, Protocol
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler, default_collate
+
+from lbgen.datamodules.splits import Split, make_split
+from lbgen.datamodules.transforms import Augmentation, BatchMix, MixCollate, augmentation_preset, eval_transform
+
+REAL, SYNTHETIC = 0, 1
+"""Values of a batch's ``source`` entry: the classifier can weight real and synthetic samples differently."""
+
+SPLIT_FILE = "splits.json"
+
+
+class ImageSource(Protocol):
+    """A pool of images addressed by position: ``load`` returns a uint8 ``[3, S, S]`` tensor."""
+
+    def __len__(self) -> int: ...
+
+    def load(self, position: int) -> torch.Tensor: ...
+
+    def sample_id(self, position: int) -> str: ...
+
+
+class TensorImageSource:
+    """Images held in memory as one uint8 tensor ``[N, C, S, S]`` (C = 1 is expanded to RGB on load)."""
+
+    def __init__(self, images: torch.Tensor, id_prefix: str) -> None:
+        self.images = images
+        self.id_prefix = id_prefix
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def load(self, position: int) -> torch.Tensor:
+        image = self.images[position]
+        return image.expand(3, -1, -1).contiguous() if image.shape[0] == 1 else image
+
+    def sample_id(self, position: int) -> str:
+        return f"{self.id_prefix}:{position}"
+
+
+class ClassificationDataset(Dataset):
+    """Samples of an image source at chosen positions, as dicts ``{image, label, source, index}``.
+
+    ``image`` is float in [0, 1]; normalisation belongs to the classifier's backbone, so real and synthetic data
+    mix without caring which network reads them. ``source`` is REAL or SYNTHETIC.
+    """
+
+    def __init__(self, images: ImageSource, positions: np.ndarray, labels: np.ndarray, transform,
+                 source: int = REAL) -> None:
+        self.images, self.positions, self.labels = images, positions, labels
+        self.transform, self.source = transform, source
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        position = int(self.positions[i])
+        return {"image": self.transform(self.images.load(position)), "label": int(self.labels[position]),
+                "source": self.source, "index": position}
+
+
+class ImageClassificationDataModule(L.LightningDataModule):
+    """Base class: a labelled training pool, an untouched test set, and a seeded split of the pool.
+
+    The split (k-shot, long-tail or full, plus a validation hold-out taken from the training pool only) is drawn
+    once per seed and written as ``splits.json`` into the run directory, with the id of every chosen sample, so a
+    split can be audited and reproduced (``split_file``).
+
+    Args:
+        image_size: side of the square images delivered to the model.
+        shots: k training images per class (few-shot).
+        imbalance_factor: long-tail profile n_max / n_min (CIFAR-LT exponential; class 0 is the head).
+        max_per_class: cap on training images per class (the head size for long-tail).
+        val_per_class: images per class held out from the training pool for validation (0: no validation).
+        split_seed: seed of the split.
+        split_file: a ``splits.json`` written by an earlier run; its sample ids replace the seeded draw.
+        augmentation: train-time preset: ``none``, ``weak`` (crop + flip) or ``strong`` (+ colour, grayscale, blur).
+        batch_mix: CutMix / MixUp on training batches (labels become soft).
+        mix_alpha: Beta distribution parameter of CutMix / MixUp.
+        batch_size: training batch size per process.
+        eval_batch_size: validation / test batch size per process (default: 4x batch_size).
+        samples_per_epoch: draw this many training samples per epoch (repeating the set), so that tiny k-shot
+            sets do not turn every step into an epoch with its validation pass.
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        shots: int | None = None,
+        imbalance_factor: float | None = None,
+        max_per_class: int | None = None,
+        val_per_class: int = 0,
+        split_seed: int = 0,
+        split_file: str | None = None,
+        augmentation: Augmentation = "weak",
+        batch_mix: BatchMix = "none",
+        mix_alpha: float = 1.0,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        samples_per_epoch: int | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if image_size < 8:
+            raise ValueError(f"image_size must be at least 8 pixels, got {image_size}.")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        self.image_size, self.shots, self.imbalance_factor = image_size, shots, imbalance_factor
+        self.max_per_class, self.val_per_class, self.split_seed = max_per_class, val_per_class, split_seed
+        self.split_file = split_file
+        self.augmentation, self.batch_mix, self.mix_alpha = augmentation, batch_mix, mix_alpha
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or 4 * batch_size
+        self.samples_per_epoch, self.num_workers = samples_per_epoch, num_workers
+        augmentation_preset(augmentation, image_size)  # fail at construction on a bad preset name
+        self._pool: tuple[ImageSource, np.ndarray] | None = None
+        self._split: Split | None = None
+        self.train_dataset = self.val_dataset = self.test_dataset = None
+
+    # --- what a concrete dataset provides -------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def class_names(self) -> list[str]:
+        """Human-readable class names, index = label."""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def dataset_name(self) -> str:
+        return type(self).__name__
+
+    @abstractmethod
+    def load_pool(self) -> tuple[ImageSource, np.ndarray]:
+        """The labelled training pool: images and their labels."""
+
+    @abstractmethod
+    def load_test(self) -> tuple[ImageSource, np.ndarray]:
+        """The official test set: images and their labels."""
+
+    # --- split ------------------------------------------------------------------------------------------------
+    @property
+    def split(self) -> Split:
+        if self._split is None:
+            if self._pool is None:
+                self._pool = self.load_pool()
+            images, labels = self._pool
+            self._split = (self._split_from_file(images) if self.split_file else
+                           make_split(labels, self.num_classes, shots=self.shots,
+                                      imbalance_factor=self.imbalance_factor, max_per_class=self.max_per_class,
+                                      val_per_class=self.val_per_class, seed=self.split_seed))
+        return self._split
+
+    def _split_from_file(self, images: ImageSource) -> Split:
+        record = json.loads(Path(self.split_file).read_text())
+        if record.get("class_names") != self.class_names:
+            raise ValueError(f"split_file {self.split_file} was made for classes {record.get('class_names')}, "
+                             f"not {self.class_names}.")
+        by_id = {images.sample_id(p): p for p in range(len(images))}
+        missing = [i for i in record["train"] + record["val"] if i not in by_id]
+        if missing:
+            raise ValueError(f"split_file {self.split_file} names {len(missing)} samples not in the pool, "
+                             f"e.g. {missing[:3]}.")
+        return Split(train=np.array([by_id[i] for i in record["train"]], dtype=np.int64),
+                     val=np.array([by_id[i] for i in record["val"]], dtype=np.int64))
+
+    @property
+    def train_class_counts(self) -> list[int]:
+        """Training images per class in the current split."""
+        split = self.split  # loads the pool
+        labels = self._pool[1]
+        return np.bincount(labels[split.train], minlength=self.num_classes).tolist()
+
+    def split_record(self) -> dict[str, Any]:
+        """Everything needed to audit or reproduce the split: parameters and the id of every chosen sample."""
+        split = self.split
+        images, _ = self._pool
+        return {"dataset": self.dataset_name, "class_names": self.class_names, "split_seed": self.split_seed,
+                "shots": self.shots, "imbalance_factor": self.imbalance_factor, "max_per_class": self.max_per_class,
+                "val_per_class": self.val_per_class, "train_class_counts": self.train_class_counts,
+                "test": "the whole official test set", "train": [images.sample_id(int(p)) for p in split.train],
+                "val": [images.sample_id(int(p)) for p in split.val]}
+
+    def save_split(self, directory: str | os.PathLike) -> Path:
+        """Write ``splits.json`` into ``directory`` (atomically) and return its path."""
+        path = Path(directory) / SPLIT_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.split_record(), indent=1))
+        tmp.replace(path)
+        return path
+
+    # --- Lightning hooks --------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        split = self.split
+        images, labels = self._pool
+        if stage in ("fit", "validate") and self.val_dataset is None:
+            self.val_dataset = ClassificationDataset(images, split.val, labels, eval_transform())
+        if stage == "fit" and self.train_dataset is None:
+            self.train_dataset = ClassificationDataset(
+                images, split.train, labels, augmentation_preset(self.augmentation, self.image_size))
+        if stage in ("test", "predict") and self.test_dataset is None:
+            test_images, test_labels = self.load_test()
+            self.test_dataset = ClassificationDataset(test_images, np.arange(len(test_labels)), test_labels,
+                                                      eval_transform())
+        trainer = self.trainer
+        if trainer is not None and trainer.is_global_zero and trainer.log_dir and not trainer.fast_dev_run:
+            self.save_split(trainer.log_dir)
+
+    def _loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
+        collate = (MixCollate(self.batch_mix, self.num_classes, self.mix_alpha)
+                   if train and self.batch_mix != "none" else default_collate)
+        sampler = None
+        if train and self.samples_per_epoch:
+            sampler = RandomSampler(dataset, num_samples=self.samples_per_epoch)
+        return DataLoader(dataset, batch_size=self.batch_size if train else self.eval_batch_size,
+                          shuffle=train and sampler is None, sampler=sampler, collate_fn=collate,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        # No hold-out (val_per_class=0): Lightning skips validation on an empty list.
+        return self._loader(self.val_dataset, train=False) if len(self.val_dataset) else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, train=False)

@@ -1,0 +1,197 @@
+"""Image classification system: a backbone + linear head, trained on real or real + synthetic batches."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from lbgen.evaluation.longtail import bucket_accuracy, class_buckets, is_imbalanced
+from lbgen.losses.classification import SourceWeightedCrossEntropy
+
+CONFUSION_FILE, TEST_METRICS_FILE = "confusion_matrix.json", "test_metrics.json"
+
+
+def unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(images, labels, source)`` from a dict batch (lbgen DataModules) or an ``(image, label)`` tuple."""
+    if isinstance(batch, dict):
+        return batch["image"], batch["label"], batch.get("source")
+    images, labels = batch[0], batch[1]
+    return images, labels, None
+
+
+class ImageClassifier(L.LightningModule):
+    """Train and evaluate an image classifier on any DataModule yielding ``(image, label)`` or lbgen dict batches.
+
+    Args:
+        backbone: feature extractor with a ``num_features`` attribute, taking images in [0, 1]
+            (e.g. ``lbgen.components.TimmBackbone``).
+        num_classes: number of classes (linked from the DataModule).
+        class_names: class names for tables and files (linked from the DataModule).
+        finetune: ``full`` trains everything; ``linear`` freezes the backbone (linear probe).
+        loss: the training loss; default cross-entropy (``SourceWeightedCrossEntropy`` weights real vs synthetic).
+        optimizer: optimizer factory, e.g. ``torch.optim.AdamW`` with its ``init_args``.
+        scheduler: learning-rate scheduler factory, stepped every optimizer step; a ``total_steps`` argument left
+            unset (e.g. ``OneCycleLR``) is filled with the run's number of optimizer steps.
+        many_threshold: classes with more training images are "many" (long-tail report).
+        few_threshold: classes with fewer training images are "few" (long-tail report).
+        channels_last: use the channels-last memory format (faster convolutions on CPU and tensor cores).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        class_names: list[str] | None = None,
+        finetune: Literal["full", "linear"] = "full",
+        loss: nn.Module | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+        many_threshold: int = 100,
+        few_threshold: int = 20,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2, got {num_classes}.")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class_names given for num_classes={num_classes}.")
+        if finetune not in ("full", "linear"):
+            raise ValueError(f"finetune must be 'full' or 'linear', got {finetune!r}.")
+        if not hasattr(backbone, "num_features"):
+            raise TypeError(f"backbone {type(backbone).__name__} needs a `num_features` attribute (feature size).")
+        # Under LightningCLI the saved hparams are the config (class paths included), from which
+        # `load_from_checkpoint` rebuilds the backbone; a direct call would instead pickle the module objects.
+        self.save_hyperparameters(ignore=None if _given_hyperparameters.get() is not None else ["backbone", "loss"])
+        self.backbone, self.finetune = backbone, finetune
+        self.head = nn.Linear(backbone.num_features, num_classes)
+        self.loss = loss if loss is not None else SourceWeightedCrossEntropy()
+        self.num_classes = num_classes
+        self.class_names = class_names or [str(i) for i in range(num_classes)]
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.many_threshold, self.few_threshold, self.channels_last = many_threshold, few_threshold, channels_last
+        if finetune == "linear":
+            self.backbone.requires_grad_(False)
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_per_class = MulticlassAccuracy(num_classes, average="none")
+        self.test_confusion = MulticlassConfusionMatrix(num_classes)
+
+    # --- model ------------------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> ImageClassifier:
+        super().train(mode)
+        if self.finetune == "linear":
+            self.backbone.eval()  # a linear probe keeps the backbone's normalisation statistics frozen too
+        return self
+
+    def setup(self, stage: str) -> None:
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, num_classes]`` for images in [0, 1]."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.head(self.backbone(images))
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        # A schedule that needs its length (OneCycleLR) and was given none gets the run's number of optimizer
+        # steps, so `max_steps` / epochs are set in one place only.
+        keywords = getattr(self.scheduler_factory, "keywords", {})
+        needs_length = "total_steps" in keywords and keywords["total_steps"] is None and not keywords.get("epochs")
+        extra = {"total_steps": int(self.trainer.estimated_stepping_batches)} if needs_length else {}
+        scheduler = self.scheduler_factory(optimizer, **extra)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- steps ------------------------------------------------------------------------------------------------
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images, labels, source = unpack_batch(batch)
+        logits = self(images)
+        loss = self.loss(logits, labels, source)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
+        if labels.ndim == 1:  # hard labels (CutMix / MixUp make them soft)
+            acc = (logits.argmax(1) == labels).float().mean()
+            self.log("train/acc", acc, batch_size=len(images))
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        images, labels, _ = unpack_batch(batch)
+        logits = self(images)
+        self.log("val/loss", nn.functional.cross_entropy(logits, labels), batch_size=len(images), sync_dist=True)
+        self.val_acc(logits, labels)
+        self.log("val/acc", self.val_acc, prog_bar=True, batch_size=len(images))
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        images, labels, _ = unpack_batch(batch)
+        logits = self(images)
+        self.test_acc(logits, labels)
+        self.test_per_class(logits, labels)
+        self.test_confusion(logits, labels)
+        self.log("test/acc", self.test_acc, batch_size=len(images))
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        images, _, _ = unpack_batch(batch)
+        probs = self(images).softmax(-1)
+        return {"probs": probs, "pred": probs.argmax(-1)}
+
+    # --- test report ------------------------------------------------------------------------------------------
+    def _train_class_counts(self) -> list[int] | None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        counts = getattr(datamodule, "train_class_counts", None)
+        return list(counts) if counts is not None else None
+
+    def on_test_epoch_end(self) -> None:
+        per_class = self.test_per_class.compute().tolist()
+        confusion = self.test_confusion.compute().tolist()
+        self.test_per_class.reset()
+        self.test_confusion.reset()
+        counts = self._train_class_counts()
+        report: dict[str, Any] = {"acc_balanced": sum(per_class) / len(per_class)}
+        self.log("test/acc_balanced", report["acc_balanced"])
+        buckets = None
+        if counts is not None and is_imbalanced(counts):
+            buckets = class_buckets(counts, self.many_threshold, self.few_threshold)
+            for name, value in bucket_accuracy(per_class, buckets).items():
+                self.log(f"test/acc_{name}", value)
+                report[f"acc_{name}"] = value
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            self._write_report(per_class, confusion, counts, buckets, report)
+
+    def _write_report(self, per_class: list[float], confusion: list[list[int]], counts: list[int] | None,
+                      buckets: list[str] | None, report: dict[str, Any]) -> None:
+        total = sum(map(sum, confusion))
+        report["acc"] = sum(confusion[i][i] for i in range(len(confusion))) / max(total, 1)
+        log_dir = self.trainer.log_dir
+        if log_dir:
+            out = Path(log_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / CONFUSION_FILE).write_text(json.dumps(
+                {"class_names": self.class_names, "rows": "true class", "columns": "predicted class",
+                 "matrix": confusion}, indent=1))
+            (out / TEST_METRICS_FILE).write_text(json.dumps(
+                {**report, "num_test_images": total, "class_names": self.class_names, "per_class_acc": per_class,
+                 "train_class_counts": counts, "buckets": buckets}, indent=1))
+        table = Table(title=f"Test accuracy: {100 * report['acc']:.2f}% top-1 on {total} images "
+                            f"(balanced {100 * report['acc_balanced']:.2f}%)")
+        for column in ("class", "train images", "bucket", "accuracy %"):
+            table.add_column(column, justify="left" if column == "class" else "right")
+        for i, name in enumerate(self.class_names):
+            table.add_row(name, str(counts[i]) if counts else "-", buckets[i] if buckets else "-",
+                          f"{100 * per_class[i]:.1f}")
+        for name in ("many", "medium", "few"):
+            if f"acc_{name}" in report:
+                table.add_row(f"[bold]{name}[/bold]", "", "", f"{100 * report[f'acc_{name}']:.1f}")
+        Console().print(table)
