@@ -46,7 +46,11 @@ class TimmBackbone(nn.Module):
         state = load_state_dict(path)
         for candidate in (strip_prefix(state, "backbone.model."), strip_prefix(state, "model."), state):
             if candidate and set(candidate) >= set(self.model.state_dict()):
-                self.model.load_state_dict({k: v for k, v in candidate.items() if k in self.model.state_dict()})
+                try:
+                    self.model.load_state_dict({k: v for k, v in candidate.items() if k in self.model.state_dict()})
+                except RuntimeError as err:  # same key names, other shapes: another variant of the architecture
+                    raise ValueError(f"{path} does not hold weights for timm model {self.model_name!r}: "
+                                     f"{str(err).splitlines()[1].strip()}") from err
                 return
         missing = sorted(set(self.model.state_dict()) - set(state))[:5]
         raise ValueError(f"{path} does not hold weights for timm model {self.model_name!r} (missing e.g. {missing}).")

@@ -70,8 +70,10 @@ class ImageClassifier(L.LightningModule):
         if not hasattr(backbone, "num_features"):
             raise TypeError(f"backbone {type(backbone).__name__} needs a `num_features` attribute (feature size).")
         # Under LightningCLI the saved hparams are the config (class paths included), from which
-        # `load_from_checkpoint` rebuilds the backbone; a direct call would instead pickle the module objects.
-        self.save_hyperparameters(ignore=None if _given_hyperparameters.get() is not None else ["backbone", "loss"])
+        # `load_from_checkpoint` rebuilds the backbone; a direct call would instead pickle objects into the
+        # checkpoint, which then no longer loads with `weights_only=True`.
+        objects = ["backbone", "loss", "optimizer", "scheduler"]
+        self.save_hyperparameters(ignore=None if _given_hyperparameters.get() is not None else objects)
         self.backbone, self.finetune = backbone, finetune
         self.head = nn.Linear(backbone.num_features, num_classes)
         self.loss = loss if loss is not None else SourceWeightedCrossEntropy()
@@ -80,7 +82,7 @@ class ImageClassifier(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.many_threshold, self.few_threshold, self.channels_last = many_threshold, few_threshold, channels_last
         if finetune == "linear":
-            self.backbone.requires_grad_(False)
+            self.backbone.requires_grad_(False).eval()
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_per_class = MulticlassAccuracy(num_classes, average="none")
@@ -93,7 +95,13 @@ class ImageClassifier(L.LightningModule):
             self.backbone.eval()  # a linear probe keeps the backbone's normalisation statistics frozen too
         return self
 
+    def on_train_start(self) -> None:
+        self.train()  # Lightning keeps the modes it finds; make sure a probed backbone starts in eval mode
+
     def setup(self, stage: str) -> None:
+        names = getattr(getattr(self.trainer, "datamodule", None), "class_names", None)
+        if self.hparams.class_names is None and names is not None and len(names) == self.num_classes:
+            self.class_names = list(names)  # not linked (used without the CLI): take the DataModule's
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
 
