@@ -28,7 +28,7 @@ def test_idx_round_trip_and_corruption(tmp_path):
     array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
     write_idx(tmp_path / "a.gz", array)
     np.testing.assert_array_equal(read_idx(tmp_path / "a.gz"), array)
-    raw = gzip.open(tmp_path / "a.gz").read()
+    raw = gzip.decompress((tmp_path / "a.gz").read_bytes())
     with gzip.open(tmp_path / "short.gz", "wb") as f:
         f.write(raw[:-5])
     with pytest.raises(ValueError, match="short.gz is truncated"):
@@ -89,7 +89,7 @@ def test_fashion_mnist_reader_and_split_record(fmnist_fixture, tmp_path):
     dm.setup("test")
     sample = dm.train_dataset[0]
     assert sample["image"].shape == (3, 32, 32) and sample["image"].dtype == torch.float32
-    assert 0.0 <= sample["image"].min() and sample["image"].max() <= 1.0
+    assert sample["image"].min() >= 0.0 and sample["image"].max() <= 1.0
     assert len(dm.train_dataset) == 50 and len(dm.val_dataset) == 40 and len(dm.test_dataset) == 60
     assert dm.train_class_counts == [5] * 10
     batch = next(iter(dm.train_dataloader()))
@@ -180,7 +180,7 @@ def test_augmentation_presets(name):
     torch.manual_seed(0)
     image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
     out = augmentation_preset(name, 32)(image)
-    assert out.shape == (3, 32, 32) and out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 1
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32 and out.min() >= 0 and out.max() <= 1
     if name == "none":
         torch.testing.assert_close(out, image.float() / 255)
     with pytest.raises(ValueError, match="Unknown augmentation"):
