@@ -1,6 +1,8 @@
-"""Plain ``nn.Module`` builders (no Lightning): backbones, safe weight loading."""
+"""Plain ``nn.Module`` builders (no Lightning): backbones, diffusion generators, safe weight loading."""
 
 from lbgen.components.backbones import TimmBackbone
 from lbgen.components.checkpoints import load_state_dict, strip_prefix
+from lbgen.components.diffusion import build_clip_tokenizer, build_generator, load_generator
 
-__all__ = ["TimmBackbone", "load_state_dict", "strip_prefix"]
+__all__ = ["TimmBackbone", "build_clip_tokenizer", "build_generator", "load_generator", "load_state_dict",
+           "strip_prefix"]

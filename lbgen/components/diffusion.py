@@ -1,0 +1,122 @@
+"""Stable Diffusion-style generators with diffusers' own classes: load (hub id or local folder), build small, save.
+
+A generator is a ``StableDiffusionPipeline`` (UNet2DConditionModel + AutoencoderKL + CLIPTextModel + CLIPTokenizer +
+scheduler). Real use loads SD 1.5 / 2.1 by hub id or folder; the embedded world and the tests build small ones
+from the same classes, with a tokenizer made from the BPE vocabulary that ships inside open_clip (no download).
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+
+
+@functools.lru_cache(maxsize=2)
+def _bpe_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
+    # The same construction as open_clip's SimpleTokenizer (and OpenAI CLIP): 256 bytes, their word-final
+    # forms, 48894 merges, then the two special tokens; 49408 ids in all.
+    merges = gzip.decompress(Path(default_bpe()).read_bytes()).decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    vocab = list(bytes_to_unicode().values())
+    vocab += [v + "</w>" for v in vocab]
+    vocab += ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    return {token: i for i, token in enumerate(vocab)}, [tuple(m.split()) for m in merges]
+
+
+def build_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
+    """A ``CLIPTokenizer`` equal to OpenAI CLIP's, built offline from open_clip's bundled BPE file.
+
+    Note: ``CLIPTokenizer(vocab_file=..., merges_file=...)`` would silently build a 3-token vocabulary with
+    transformers 5; the vocabulary is passed as objects instead.
+    """
+    vocab, merges = _bpe_vocab()
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=model_max_length)
+
+
+def build_generator(
+    image_size: int = 32,
+    vae_channels: tuple[int, ...] = (32, 64),
+    latent_channels: int = 4,
+    unet_channels: tuple[int, ...] = (32, 64),
+    layers_per_block: int = 1,
+    cross_attention_dim: int = 32,
+    attention_head_dim: int = 8,
+    text_layers: int = 2,
+    text_heads: int = 4,
+    text_intermediate: int | None = None,
+    max_prompt_length: int = 77,
+    scheduler: str = "ddim",
+    prediction_type: str = "epsilon",
+    seed: int = 0,
+) -> StableDiffusionPipeline:
+    """A randomly initialised Stable Diffusion-style pipeline of the given (small) size.
+
+    The VAE downsamples by ``2 ** (len(vae_channels) - 1)``; the text encoder's width equals
+    ``cross_attention_dim`` as in SD. Cross-attention sits in every UNet block but the first down / last up one.
+    """
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}, got {scheduler!r}.")
+    factor = 2 ** (len(vae_channels) - 1)
+    if image_size % (factor * 2 ** (len(unet_channels) - 1)):
+        raise ValueError(f"image_size {image_size} must be divisible by the VAE factor {factor} times the UNet's "
+                         f"{2 ** (len(unet_channels) - 1)}.")
+    torch.manual_seed(seed)
+    groups = min(32, *vae_channels, *unet_channels)
+    unet = UNet2DConditionModel(
+        sample_size=image_size // factor, in_channels=latent_channels, out_channels=latent_channels,
+        layers_per_block=layers_per_block, block_out_channels=tuple(unet_channels), norm_num_groups=groups,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(unet_channels) - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (len(unet_channels) - 1) + ("UpBlock2D",),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=attention_head_dim)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=tuple(vae_channels), latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels), layers_per_block=layers_per_block,
+        norm_num_groups=groups, sample_size=image_size)
+    tokenizer = build_clip_tokenizer(max_prompt_length)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=cross_attention_dim, projection_dim=cross_attention_dim,
+        intermediate_size=text_intermediate or 2 * cross_attention_dim, num_hidden_layers=text_layers,
+        num_attention_heads=text_heads, max_position_embeddings=max_prompt_length,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    noise_scheduler = SCHEDULERS[scheduler](
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        prediction_type=prediction_type, **({"set_alpha_to_one": False, "steps_offset": 1} if scheduler == "ddim"
+                                            else {}))
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=noise_scheduler, safety_checker=None, feature_extractor=None,
+                                   image_encoder=None, requires_safety_checker=False)
+
+
+def load_generator(
+    model: str,
+    torch_dtype: torch.dtype | None = None,
+    variant: str | None = None,
+    lora: str | None = None,
+) -> StableDiffusionPipeline:
+    """Load a generator by hub id (e.g. ``stable-diffusion-v1-5/stable-diffusion-v1-5``) or local diffusers folder.
+
+    A local folder never touches the network. ``lora`` is a folder or file written by ``save_lora_weights``.
+    """
+    path = Path(model).expanduser()
+    local = path.exists() or model.startswith((".", "/", "~"))
+    if local:
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json). Pass a folder "
+                                    "written by `save_pretrained` / lbgen's generator stage, or a hub id.")
+        model = str(path)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model, torch_dtype=torch_dtype, variant=variant, local_files_only=local, safety_checker=None,
+        requires_safety_checker=False)
+    if lora:
+        pipe.load_lora_weights(lora)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
