@@ -19,7 +19,8 @@ Stages (each reads a YAML recipe from configs/, e.g. `lbgen fit -c configs/class
   validate  evaluate a trained system on the validation hold-out
   test      evaluate a classifier on the untouched test set; writes test_metrics.json and confusion_matrix.json
   predict   run a system's predict step (class probabilities of a classifier)
-Outputs go to <trainer.default_root_dir>/version_N/ (config, metrics.csv, splits.json, checkpoints/).
+Outputs go to <trainer.default_root_dir>/version_N/ (config, metrics.csv, splits.json, checkpoints/);
+the default root is ./runs.
 """
 
 
@@ -40,8 +41,10 @@ class LBGenCLI(LightningCLI):
         config = self.config.get(str(self.subcommand), self.config)
         # Lightning's default logger (TensorBoard or CSV, under lightning_logs/) would scatter runs; a CSV logger
         # with the run directory as its root gives <root>/version_N/ holding everything of one run.
+        if not config.trainer.default_root_dir:
+            config.trainer.default_root_dir = "runs"  # never scatter version_N folders into the current folder
         if config.trainer.logger in (None, True):
-            root = config.trainer.default_root_dir or "."
+            root = config.trainer.default_root_dir
             config.trainer.logger = Namespace(class_path="lightning.pytorch.loggers.CSVLogger",
                                               init_args=Namespace(save_dir=root, name=""))
 
