@@ -79,3 +79,15 @@ def real_fmnist() -> Path:
             pytest.fail(f"Fashion-MNIST is missing from {root}; ./run.sh installs dataset-fashion-mnist.")
         pytest.skip(f"Fashion-MNIST not installed in {root}")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Stable Diffusion-style pipeline saved as a diffusers folder (what `model:` points at)."""
+    from lbgen.components.diffusion import build_generator
+
+    folder = tmp_path_factory.mktemp("tiny_generator") / "generator"
+    build_generator(image_size=16, vae_channels=(16, 32), unet_channels=(16, 32), cross_attention_dim=16,
+                    attention_head_dim=4, text_layers=1, text_heads=2, max_prompt_length=16,
+                    seed=0).save_pretrained(folder)
+    return folder

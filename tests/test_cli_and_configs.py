@@ -17,21 +17,66 @@ from .conftest import REPO
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 
 
-def tiny_overrides(config: dict, fixture: Path, run_dir: Path) -> list[str]:
-    """Command-line overrides that make a recipe run in seconds on the fixture data and a tiny backbone."""
-    args = ["--trainer.accelerator=cpu", "--trainer.devices=1", f"--trainer.default_root_dir={run_dir}"]
-    data = config.get("data", {}).get("init_args", {})
-    if config.get("data", {}).get("class_path", "").endswith("FashionMNISTDataModule"):
-        args.append(f"--data.init_args.root={fixture}")
-    shrink = {"val_per_class": 2, "max_per_class": 20, "batch_size": 8, "eval_batch_size": 16, "num_workers": 0,
-              "samples_per_epoch": 16}
-    args += [f"--data.init_args.{k}={v}" for k, v in shrink.items() if k in data]
-    if "shots" in data and data["shots"]:
-        args.append(f"--data.init_args.shots={min(data['shots'], 5)}")
-    backbone = config.get("model", {}).get("init_args", {}).get("backbone", {})
-    if backbone.get("class_path", "").endswith("TimmBackbone"):
-        args.append("--model.init_args.backbone.init_args.model_name=test_resnet")
-    return args
+TINY_NEW_GENERATOR = {"image_size": 16, "vae_channels": [16, 32], "latent_channels": 4, "unet_channels": [16, 32],
+                      "cross_attention_dim": 16, "attention_head_dim": 4, "text_layers": 1, "text_heads": 2,
+                      "max_prompt_length": 16}
+
+
+def shrink(node, paths: dict[str, Path]):
+    """A copy of a recipe's tree where every heavy or external part is replaced by its tiny test stand-in."""
+    if isinstance(node, list):
+        return [shrink(v, paths) for v in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: shrink(v, paths) for k, v in node.items()}
+    cls, args = node.get("class_path", ""), node.get("init_args")
+    if args is None:
+        return node
+    name = cls.rsplit(".", 1)[-1]
+    if name == "FashionMNISTDataModule":
+        args.update(root=str(paths["fmnist"]), image_size=16, num_workers=0, batch_size=8)
+        args.update({k: v for k, v in {"val_per_class": 2, "max_per_class": 20, "eval_batch_size": 16,
+                                        "samples_per_epoch": 16}.items() if k in args})
+        if args.get("shots"):
+            args["shots"] = min(args["shots"], 5)
+    elif name == "SyntheticDataModule":
+        args.update(folder=str(paths["synthetic"]), image_size=16)
+    elif name == "MixedDataModule" and "samples_per_epoch" in args:
+        args["samples_per_epoch"] = 16
+    elif name == "GenerationRequestsDataModule":
+        args.update(images_per_class=2, batch_size=4, num_workers=0)
+    elif name == "TimmBackbone":
+        args["model_name"] = "test_resnet"
+    elif name == "PretrainedGenerator":
+        args["model"] = str(paths["generator"])
+    elif name == "NewGenerator":
+        args.update(TINY_NEW_GENERATOR, vae=str(paths["generator"] / "vae"))
+    elif name == "AutoencoderTrainer":
+        args.update(image_size=16, block_out_channels=[16, 32])
+    if "output_dir" in args:
+        args["output_dir"] = str(paths["out"] / name)
+    return node
+
+
+def run_recipe(config_path: Path, paths: dict[str, Path], *extra: str):
+    """Run a recipe through `lbgen` with tiny stand-ins, as the CLI a user runs."""
+    config = shrink(yaml.safe_load(config_path.read_text()), paths)
+    config.setdefault("trainer", {}).update(accelerator="cpu", devices=1, strategy="auto", precision="32-true",
+                                            default_root_dir=str(paths["out"]))
+    tiny = paths["out"] / config_path.name
+    tiny.write_text(yaml.safe_dump(config))
+    stage = "predict" if config_path.parent.name == "generate" else "fit"
+    return cli_main([stage, "-c", str(tiny), *extra])
+
+
+@pytest.fixture(scope="session")
+def recipe_paths(fmnist_fixture, tiny_generator, tmp_path_factory) -> dict[str, Path]:
+    """Inputs the recipes read (data, a generator folder, a generated dataset), all tiny."""
+    out = tmp_path_factory.mktemp("synthetic_fixture")
+    paths = {"fmnist": fmnist_fixture, "generator": tiny_generator, "out": out}
+    run_recipe(REPO / "configs/generate/fashion_txt2img.yaml", paths)
+    paths["synthetic"] = out / "DiffusionGenerator"
+    return paths
 
 
 def test_every_config_is_covered():
@@ -39,31 +84,36 @@ def test_every_config_is_covered():
         "classifier/fashion_5shot.yaml", "classifier/fashion_full.yaml", "classifier/fashion_lt100.yaml"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config_path", CONFIGS, ids=lambda p: p.relative_to(REPO / "configs").as_posix())
-def test_config_parses_and_runs_fast_dev_run(config_path, fmnist_fixture, tmp_path):
-    config = yaml.safe_load(config_path.read_text())
-    args = ["fit", "-c", str(config_path), *tiny_overrides(config, fmnist_fixture, tmp_path),
-            "--trainer.fast_dev_run=true"]
-    cli = cli_main(args)
+def test_config_parses_and_runs_fast_dev_run(config_path, recipe_paths, tmp_path, capsys):
+    if "lbgen-test: parse-only" in config_path.read_text():  # real-scale recipe: its weights cannot load here
+        stage = "predict" if config_path.parent.name == "generate" else "fit"
+        with pytest.raises(SystemExit) as done:
+            cli_main([stage, "-c", str(config_path), "--print_config"])
+        assert done.value.code == 0 and "class_path" in capsys.readouterr().out
+        return
+    cli = run_recipe(config_path, {**recipe_paths, "out": tmp_path}, "--trainer.fast_dev_run=true")
     assert cli.trainer.state.finished
-    assert cli.model.num_classes == cli.datamodule.num_classes  # linked from the data
-    assert cli.model.class_names == cli.datamodule.class_names
+    if getattr(cli.model, "num_classes", None) is not None:
+        assert cli.model.num_classes == cli.datamodule.num_classes  # linked from the data
 
 
-def test_fit_then_test_writes_a_complete_run_directory(fmnist_fixture, tmp_path):
+def test_fit_then_test_writes_a_complete_run_directory(recipe_paths, tmp_path):
     config = REPO / "configs/classifier/fashion_5shot.yaml"
-    overrides = tiny_overrides(yaml.safe_load(config.read_text()), fmnist_fixture, tmp_path)
-    cli_main(["fit", "-c", str(config), *overrides, "--trainer.max_steps=4", "--trainer.check_val_every_n_epoch=1"])
+    paths = {**recipe_paths, "out": tmp_path}
+    run_recipe(config, paths, "--trainer.max_steps=4", "--trainer.check_val_every_n_epoch=1")
     run = tmp_path / "version_0"
     for name in ("config.yaml", "splits.json", "metrics.csv", "test_metrics.json", "confusion_matrix.json"):
         assert (run / name).is_file(), name
     resolved = yaml.safe_load((run / "config.yaml").read_text())
-    assert resolved["data"]["init_args"]["root"] == str(fmnist_fixture)  # the resolved config, overrides included
+    assert resolved["data"]["init_args"]["root"] == str(recipe_paths["fmnist"])  # the resolved config
+    assert resolved["trainer"]["max_steps"] == 4  # command-line overrides included
     assert json.loads((run / "splits.json").read_text())["train_class_counts"] == [5] * 10
     checkpoint = next((run / "checkpoints").glob("*.ckpt"))
     metrics = json.loads((run / "test_metrics.json").read_text())
     # a later `lbgen test` of the checkpoint gets a run directory of its own and the same accuracy
-    cli_main(["test", "-c", str(config), *overrides, f"--ckpt_path={checkpoint}"])
+    cli_main(["test", "-c", str(run / "config.yaml"), f"--ckpt_path={checkpoint}"])
     retest = json.loads((tmp_path / "version_1" / "test_metrics.json").read_text())
     assert retest["acc"] == pytest.approx(metrics["acc"])
 

@@ -2,7 +2,14 @@
 
 from lbgen.components.backbones import TimmBackbone
 from lbgen.components.checkpoints import load_state_dict, strip_prefix
-from lbgen.components.diffusion import build_clip_tokenizer, build_generator, load_generator
+from lbgen.components.diffusion import (
+    GeneratorSource,
+    NewGenerator,
+    PretrainedGenerator,
+    build_clip_tokenizer,
+    build_generator,
+    load_generator,
+)
 
-__all__ = ["TimmBackbone", "build_clip_tokenizer", "build_generator", "load_generator", "load_state_dict",
-           "strip_prefix"]
+__all__ = ["GeneratorSource", "NewGenerator", "PretrainedGenerator", "TimmBackbone", "build_clip_tokenizer",
+           "build_generator", "load_generator", "load_state_dict", "strip_prefix"]

@@ -120,3 +120,81 @@ def load_generator(
         pipe.load_lora_weights(lora)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class GeneratorSource:
+    """Where a system gets its generator pipeline from; configured in YAML, called once per process."""
+
+    def __call__(self) -> StableDiffusionPipeline:
+        raise NotImplementedError
+
+    @property
+    def generator_id(self) -> str:
+        """A short id recorded in every manifest record."""
+        raise NotImplementedError
+
+
+class PretrainedGenerator(GeneratorSource):
+    """A generator loaded with ``from_pretrained``: a hub id (SD 1.5 / 2.1) or a local diffusers folder.
+
+    Args:
+        model: hub id or folder.
+        torch_dtype: ``float32``, ``float16`` or ``bfloat16`` (None: as saved).
+        variant: weight variant such as ``fp16``.
+        lora: a folder or file of LoRA weights written by ``save_lora_weights``.
+    """
+
+    def __init__(self, model: str, torch_dtype: str | None = None, variant: str | None = None,
+                 lora: str | None = None) -> None:
+        if torch_dtype is not None and torch_dtype not in _DTYPES:
+            raise ValueError(f"torch_dtype must be one of {sorted(_DTYPES)}, got {torch_dtype!r}.")
+        self.model, self.torch_dtype, self.variant, self.lora = model, torch_dtype, variant, lora
+
+    def __call__(self) -> StableDiffusionPipeline:
+        return load_generator(self.model, _DTYPES.get(self.torch_dtype or ""), self.variant, self.lora)
+
+    @property
+    def generator_id(self) -> str:
+        return self.model
+
+
+class NewGenerator(GeneratorSource):
+    """A randomly initialised small generator (``build_generator``), optionally with a trained VAE folder.
+
+    Args:
+        vae: folder of a trained ``AutoencoderKL`` (``save_pretrained``) that replaces the random one.
+        **kwargs: sizes, see ``build_generator``.
+    """
+
+    def __init__(self, vae: str | None = None, image_size: int = 32, vae_channels: tuple[int, ...] = (32, 64),
+                 latent_channels: int = 4, unet_channels: tuple[int, ...] = (32, 64), layers_per_block: int = 1,
+                 cross_attention_dim: int = 32, attention_head_dim: int = 8, text_layers: int = 2,
+                 text_heads: int = 4, max_prompt_length: int = 77, scheduler: str = "ddim",
+                 prediction_type: str = "epsilon", seed: int = 0) -> None:
+        self.vae = vae
+        self.kwargs = dict(image_size=image_size, vae_channels=tuple(vae_channels), latent_channels=latent_channels,
+                           unet_channels=tuple(unet_channels), layers_per_block=layers_per_block,
+                           cross_attention_dim=cross_attention_dim, attention_head_dim=attention_head_dim,
+                           text_layers=text_layers, text_heads=text_heads, max_prompt_length=max_prompt_length,
+                           scheduler=scheduler, prediction_type=prediction_type, seed=seed)
+
+    def __call__(self) -> StableDiffusionPipeline:
+        pipe = build_generator(**self.kwargs)
+        if self.vae:
+            if not (Path(self.vae) / "config.json").is_file():
+                raise FileNotFoundError(f"{self.vae} is not an AutoencoderKL folder (no config.json).")
+            vae = AutoencoderKL.from_pretrained(self.vae, local_files_only=True)
+            if vae.config.latent_channels != pipe.unet.config.in_channels:
+                raise ValueError(f"The VAE in {self.vae} has {vae.config.latent_channels} latent channels, the UNet "
+                                 f"expects {pipe.unet.config.in_channels}: set latent_channels to match.")
+            pipe.register_modules(vae=vae)
+            pipe.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+            pipe.image_processor.config.vae_scale_factor = pipe.vae_scale_factor
+        return pipe
+
+    @property
+    def generator_id(self) -> str:
+        return f"new-generator(seed={self.kwargs['seed']})"

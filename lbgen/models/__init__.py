@@ -1,5 +1,8 @@
 """LightningModules: one system per stage."""
 
+from lbgen.models.autoencoder import AutoencoderTrainer
 from lbgen.models.classifier import ImageClassifier
+from lbgen.models.generation import DiffusionGenerator
+from lbgen.models.text_to_image import TextToImageTrainer
 
-__all__ = ["ImageClassifier"]
+__all__ = ["AutoencoderTrainer", "DiffusionGenerator", "ImageClassifier", "TextToImageTrainer"]

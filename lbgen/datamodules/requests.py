@@ -1,0 +1,206 @@
+"""Generation requests: (classes, images per class, method, base seed) expanded into per-image records.
+
+Every request has a seed derived from (base seed, class, index) only, and requests are grouped into fixed chunks
+in a canonical order, each chunk generated as one batch. So a request yields the same image whatever the number
+of processes, and a resumed run recomputes exactly the chunks an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lbgen.datamodules.base import ImageClassificationDataModule
+
+Method = Literal["txt2img", "img2img", "img2img_low", "img2img_high", "genie"]
+DEFAULT_STRENGTH = {"txt2img": None, "img2img": 0.5, "img2img_low": 0.3, "img2img_high": 0.7, "genie": 0.8}
+
+
+def request_seed(base_seed: int, class_index: int, index: int) -> int:
+    """A 31-bit seed that depends on (base seed, class, index) only."""
+    return int(np.random.SeedSequence([base_seed, class_index, index]).generate_state(1)[0] >> 1)
+
+
+def request_id(class_index: int, index: int) -> str:
+    """File-safe id of a request (class names are never used in paths: "T-shirt/top" is a real one)."""
+    return f"c{class_index:04d}-i{index:06d}"
+
+
+def top_confused(confusion: np.ndarray, target: int, k: int) -> list[int]:
+    """The k classes most often confused with ``target`` (rows: true class, columns: prediction), both ways."""
+    scores = confusion[target, :] + confusion[:, target]
+    scores = scores.astype(float)
+    scores[target] = -np.inf
+    return [int(c) for c in np.argsort(-scores, kind="stable")[:k]]
+
+
+class RequestChunks(Dataset):
+    """Chunks of requests; each item is one generation batch (a dict of lists, plus source images if any)."""
+
+    def __init__(self, chunks: list[list[dict[str, Any]]], images: Any = None) -> None:
+        self.chunks, self.images = chunks, images
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        records = self.chunks[i]
+        batch: dict[str, Any] = {"records": records}
+        if records and records[0]["source_position"] is not None:
+            batch["source_images"] = torch.stack([
+                self.images.load(r["source_position"]).float() / 255 for r in records])
+        return batch
+
+
+def _identity(batch: Any) -> Any:
+    return batch
+
+
+class GenerationRequestsDataModule(L.LightningDataModule):
+    """What to generate, for ``lbgen predict`` with a generation system.
+
+    Args:
+        class_names: classes to generate for; default: those of ``source_data``.
+        source_data: the real DataModule whose training split gives img2img / GeNIe sources.
+        images_per_class: images per class (> 0).
+        classes: generate only these class indices (default: all).
+        method: ``txt2img`` (pure noise), ``img2img`` / ``img2img_low`` / ``img2img_high`` (same-class source),
+            ``genie`` (source from another class, target-class prompt).
+        strength: noise ratio r in (0, 1] for image-conditioned methods (default: the method's preset).
+        base_seed: the seed every request's seed derives from.
+        prompt_template: with ``{class}`` and optionally ``{superclass}``.
+        superclass: filled into ``{superclass}``.
+        negative_prompt: one negative prompt for all images.
+        genie_sources: ``random`` other class, or ``confusion``: among the ``top_k`` classes most confused with the
+            target in ``confusion_file`` (written by the classifier's ``test``).
+        confusion_file: path of ``confusion_matrix.json``.
+        top_k: how many most-confused classes to draw sources from.
+        batch_size: requests per generation batch (fixed chunks; keep it when resuming a run).
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        class_names: list[str] | None = None,
+        source_data: ImageClassificationDataModule | None = None,
+        images_per_class: int = 100,
+        classes: list[int] | None = None,
+        method: Method = "txt2img",
+        strength: float | None = None,
+        base_seed: int = 0,
+        prompt_template: str = "a photo of a {class}",
+        superclass: str | None = None,
+        negative_prompt: str | None = None,
+        genie_sources: Literal["random", "confusion"] = "random",
+        confusion_file: str | None = None,
+        top_k: int = 3,
+        batch_size: int = 16,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if method not in DEFAULT_STRENGTH:
+            raise ValueError(f"Unknown method {method!r}; choose one of {sorted(DEFAULT_STRENGTH)}.")
+        if images_per_class <= 0:
+            raise ValueError(f"images_per_class must be positive, got {images_per_class}.")
+        strength = strength if strength is not None else DEFAULT_STRENGTH[method]
+        if method == "txt2img" and strength is not None:
+            raise ValueError("txt2img starts from pure noise and takes no strength; use img2img for a source image.")
+        if strength is not None and not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength (noise ratio r) must be in (0, 1], got {strength}.")
+        if method != "txt2img" and source_data is None:
+            raise ValueError(f"method {method!r} needs source images: set source_data to a real DataModule.")
+        if class_names is None:
+            if source_data is None:
+                raise ValueError("Give class_names or a source_data DataModule to take them from.")
+            class_names = source_data.class_names
+        if len(set(class_names)) != len(class_names):
+            dup = sorted({n for n in class_names if class_names.count(n) > 1})
+            raise ValueError(f"Duplicate class names {dup}: every class needs a distinct name for its prompt.")
+        if source_data is not None and source_data.class_names != list(class_names):
+            raise ValueError("class_names differ from source_data's classes; leave class_names unset.")
+        if genie_sources == "confusion" and not confusion_file:
+            raise ValueError("genie_sources='confusion' needs confusion_file (confusion_matrix.json of a test run).")
+        self.class_names, self.source_data = list(class_names), source_data
+        self.classes = list(range(len(class_names))) if classes is None else list(classes)
+        bad = [c for c in self.classes if not 0 <= c < len(class_names)]
+        if bad:
+            raise ValueError(f"classes {bad} out of range for {len(class_names)} classes.")
+        self.images_per_class, self.method, self.strength = images_per_class, method, strength
+        self.base_seed = base_seed
+        self.prompt_template, self.superclass, self.negative_prompt = prompt_template, superclass, negative_prompt
+        self.genie_sources, self.confusion_file, self.top_k = genie_sources, confusion_file, top_k
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self._skip: set[str] = set()
+        self.dataset: RequestChunks | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def describe(self) -> dict[str, Any]:
+        """What defines this set of requests; a resumed run must match it."""
+        return {"class_names": self.class_names, "classes": self.classes, "images_per_class": self.images_per_class,
+                "method": self.method, "strength": self.strength, "base_seed": self.base_seed,
+                "prompt_template": self.prompt_template, "superclass": self.superclass,
+                "negative_prompt": self.negative_prompt, "genie_sources": self.genie_sources,
+                "top_k": self.top_k, "batch_size": self.batch_size}
+
+    def skip(self, done_ids: set[str]) -> None:
+        """Leave out chunks whose requests are all done (called by the dataset writer when resuming)."""
+        self._skip = set(done_ids)
+
+    def _confusion(self) -> np.ndarray:
+        record = json.loads(Path(self.confusion_file).read_text())
+        if record.get("class_names") != self.class_names:
+            raise ValueError(f"{self.confusion_file} is for classes {record.get('class_names')}, not "
+                             f"{self.class_names}.")
+        return np.asarray(record["matrix"])
+
+    def requests(self) -> list[dict[str, Any]]:
+        """All requests in canonical order (class-major)."""
+        sources = None
+        if self.method != "txt2img":
+            split = self.source_data.split  # loads the real pool
+            pool, labels = self.source_data._pool
+            sources = {c: split.train[labels[split.train] == c] for c in range(self.num_classes)}
+            candidates = {c: [s for s in range(self.num_classes) if s != c and len(sources[s])]
+                          for c in range(self.num_classes)}
+            if self.method == "genie" and self.genie_sources == "confusion":
+                confusion = self._confusion()
+                candidates = {c: top_confused(confusion, c, self.top_k) for c in range(self.num_classes)}
+        out = []
+        for c in self.classes:
+            for i in range(self.images_per_class):
+                seed = request_seed(self.base_seed, c, i)
+                source_class = source_position = source_id = None
+                if sources is not None:
+                    rng = np.random.default_rng(seed)
+                    source_class = int(rng.choice(candidates[c])) if self.method == "genie" else c
+                    if not len(sources[source_class]):
+                        raise ValueError(f"No real training image of class {source_class} to use as a source.")
+                    source_position = int(rng.choice(sources[source_class]))
+                    source_id = pool.sample_id(source_position)
+                prompt = self.prompt_template.format(**{"class": self.class_names[c],
+                                                        "superclass": self.superclass or ""})
+                out.append({"id": request_id(c, i), "class_index": c, "class_name": self.class_names[c],
+                            "index": i, "prompt": prompt, "negative_prompt": self.negative_prompt, "seed": seed,
+                            "method": self.method, "strength": self.strength, "source_class": source_class,
+                            "source_position": source_position, "source_id": source_id})
+        return out
+
+    def setup(self, stage: str) -> None:
+        requests = self.requests()
+        chunks = [requests[i:i + self.batch_size] for i in range(0, len(requests), self.batch_size)]
+        chunks = [c for c in chunks if not all(r["id"] in self._skip for r in c)]
+        images = self.source_data._pool[0] if self.method != "txt2img" else None
+        self.dataset = RequestChunks(chunks, images)
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self.dataset, batch_size=None, shuffle=False, num_workers=self.num_workers,
+                          collate_fn=_identity)

@@ -1,0 +1,106 @@
+"""VAE training system: the from-scratch autoencoder of a small latent diffusion generator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+
+from lbgen.models.classifier import unpack_batch
+
+
+class AutoencoderTrainer(L.LightningModule):
+    """Train an ``AutoencoderKL`` on images (reconstruction + KL) and save it as a diffusers folder.
+
+    The latent scaling factor (1 / latent std, as SD's 0.18215) is estimated during training and stored in the
+    saved config, so the diffusion stage sees unit-variance latents.
+
+    Args:
+        image_size: side of the training images.
+        block_out_channels: VAE widths; the image is downsampled ``2 ** (len - 1)`` times.
+        latent_channels: channels of the latent.
+        layers_per_block: ResNet layers per VAE block.
+        mse_weight: weight of the squared reconstruction error (0: the term is not computed).
+        l1_weight: weight of the absolute reconstruction error.
+        kl_weight: weight of the KL divergence to N(0, I).
+        optimizer: optimizer factory.
+        scheduler: learning-rate scheduler factory (stepped every step).
+        output_dir: where to save the VAE (a stable path later stages can name); default <run dir>/vae.
+        num_classes: accepted for the CLI's data link; unused.
+        class_names: accepted for the CLI's data link; unused.
+    """
+
+    def __init__(self, image_size: int = 32, block_out_channels: tuple[int, ...] = (32, 64, 64),
+                 latent_channels: int = 4, layers_per_block: int = 1, mse_weight: float = 1.0,
+                 l1_weight: float = 1.0, kl_weight: float = 1e-6, optimizer: OptimizerCallable = torch.optim.AdamW,
+                 scheduler: LRSchedulerCallable | None = None, output_dir: str | None = None,
+                 num_classes: int | None = None, class_names: list[str] | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        groups = min(32, *block_out_channels)
+        self.vae = AutoencoderKL(
+            in_channels=3, out_channels=3, block_out_channels=tuple(block_out_channels),
+            latent_channels=latent_channels, layers_per_block=layers_per_block, norm_num_groups=groups,
+            down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
+            up_block_types=("UpDecoderBlock2D",) * len(block_out_channels), sample_size=image_size)
+        self.weights = {name: w for name, w in (("mse", mse_weight), ("l1", l1_weight), ("kl", kl_weight)) if w}
+        if not self.weights:
+            raise ValueError("All loss weights are 0: set at least one of mse_weight, l1_weight, kl_weight.")
+        self.optimizer_factory, self.scheduler_factory, self.output_dir = optimizer, scheduler, output_dir
+        # running second moment of the latents, for the scaling factor (a buffer: it is checkpointed)
+        self.register_buffer("latent_sq", torch.ones(()))
+
+    def loss_terms(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Named loss terms for images in [0, 1], and the sampled latents."""
+        x = images * 2 - 1
+        posterior = self.vae.encode(x).latent_dist
+        z = posterior.sample()
+        reconstruction = self.vae.decode(z).sample
+        builders = {"mse": lambda: F.mse_loss(reconstruction, x), "l1": lambda: F.l1_loss(reconstruction, x),
+                    "kl": lambda: posterior.kl().mean() / z[0].numel()}
+        return {name: builders[name]() for name in self.weights}, z
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images, _, _ = unpack_batch(batch)
+        terms, z = self.loss_terms(images)
+        loss = sum(self.weights[name] * term for name, term in terms.items())
+        for name, term in terms.items():
+            self.log(f"train/{name}", term, batch_size=len(images))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
+        with torch.no_grad():
+            self.latent_sq.lerp_(z.detach().float().pow(2).mean(), 0.02)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        images, _, _ = unpack_batch(batch)
+        x = images * 2 - 1
+        reconstruction = self.vae(x, sample_posterior=False).sample
+        self.log("val/mse", F.mse_loss(reconstruction, x), prog_bar=True, batch_size=len(images), sync_dist=True)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.vae.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer),
+                                                         "interval": "step"}}
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.latent_sq.clamp_min(1e-8).rsqrt())
+
+    def save(self, folder: str | Path) -> Path:
+        """Save the VAE (diffusers format) with the estimated scaling factor."""
+        self.vae.register_to_config(scaling_factor=self.scaling_factor)
+        self.vae.save_pretrained(folder)
+        return Path(folder)
+
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero and (self.output_dir or self.trainer.log_dir):
+            folder = self.save(Path(self.output_dir or Path(self.trainer.log_dir) / "vae"))
+            rank_zero_info(f"VAE saved to {folder} (latent scaling factor {self.scaling_factor:.4f})")

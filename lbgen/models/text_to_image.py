@@ -1,0 +1,237 @@
+"""Denoising training of a text-to-image generator: from scratch, full fine-tune or LoRA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers.training_utils import EMAModel, cast_training_params, compute_snr
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+
+from lbgen.components.diffusion import GeneratorSource
+from lbgen.components.lora import TEXT_TARGETS, UNET_TARGETS, add_lora, save_lora
+from lbgen.models.classifier import unpack_batch
+
+Mode = Literal["scratch", "full", "lora"]
+LOW_PRECISION = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16,
+                 "16-true": torch.float16}
+
+
+def class_caption(template: str, class_name: str, superclass: str | None = None) -> str:
+    """``template`` filled with ``{class}`` (and ``{superclass}``), e.g. "a photo of a {class}"."""
+    return template.format(**{"class": class_name, "superclass": superclass or ""})
+
+
+class TextToImageTrainer(L.LightningModule):
+    """Train a Stable Diffusion-style generator with the denoising loss, and save it for ``from_pretrained``.
+
+    Captions come from the batch (``batch["caption"]``, e.g. BOB's attribute captions) or from ``prompt_template``
+    and the class names. Modes: ``scratch`` (UNet and text encoder from random init; the VAE comes trained),
+    ``full`` (all UNet weights, optionally the text encoder), ``lora`` (peft adapters on the UNet and optionally the
+    text encoder). Frozen parts are cast to the low-precision dtype under ``*16`` precision; trainable parameters
+    stay in fp32.
+
+    Args:
+        generator: where the pipeline comes from (``PretrainedGenerator`` or ``NewGenerator``).
+        mode: what trains.
+        train_text_encoder: also train the text encoder (always in ``scratch`` mode).
+        lora_rank: LoRA rank; lora_alpha defaults to it.
+        lora_alpha: LoRA alpha.
+        unet_lora_targets: UNet module names that get LoRA.
+        text_lora_targets: text-encoder module names that get LoRA.
+        lora_init: peft ``init_lora_weights`` (``gaussian``: B = 0; ``false``: random, used by tests).
+        prediction_type: ``epsilon`` or ``v_prediction``; default: the generator scheduler's.
+        snr_gamma: min-SNR weighting gamma (5.0 in the paper); None: plain MSE.
+        caption_dropout: probability of an empty caption (enables classifier-free guidance).
+        prompt_template: caption template with ``{class}`` and optionally ``{superclass}``.
+        superclass: filled into ``{superclass}``.
+        ema_decay: keep an EMA of the UNet (not in ``lora`` mode) and save it instead of the raw weights.
+        gradient_checkpointing: trade compute for memory in the UNet.
+        optimizer: optimizer factory.
+        scheduler: learning-rate scheduler factory (stepped every step).
+        output_dir: where to save the generator / LoRA (a stable path later stages can name); default
+            <run dir>/generator.
+        num_classes: linked from the data.
+        class_names: linked from the data.
+    """
+
+    def __init__(
+        self,
+        generator: GeneratorSource,
+        mode: Mode = "lora",
+        train_text_encoder: bool = False,
+        lora_rank: int = 16,
+        lora_alpha: float | None = None,
+        unet_lora_targets: list[str] | None = None,
+        text_lora_targets: list[str] | None = None,
+        lora_init: bool | str = "gaussian",
+        prediction_type: Literal["epsilon", "v_prediction"] | None = None,
+        snr_gamma: float | None = None,
+        caption_dropout: float = 0.1,
+        prompt_template: str = "a photo of a {class}",
+        superclass: str | None = None,
+        ema_decay: float | None = None,
+        gradient_checkpointing: bool = False,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+        output_dir: str | None = None,
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if mode not in ("scratch", "full", "lora"):
+            raise ValueError(f"mode must be 'scratch', 'full' or 'lora', got {mode!r}.")
+        if not 0.0 <= caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}.")
+        self.save_hyperparameters(ignore=["generator", "optimizer", "scheduler"])
+        self.generator_source = generator
+        pipe = generator()
+        self.pipeline = pipe  # keeps tokenizer and scheduler; its modules are the ones registered below
+        self.unet, self.vae, self.text_encoder, self.tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.prediction_type = prediction_type or self.noise_scheduler.config.prediction_type
+        self.mode, self.train_text_encoder = mode, train_text_encoder or mode == "scratch"
+        self.vae.requires_grad_(False).eval()
+        if mode == "lora":
+            add_lora(self.unet, lora_rank, lora_alpha, unet_lora_targets or UNET_TARGETS, lora_init)
+            self.text_encoder.requires_grad_(False)
+            if train_text_encoder:
+                add_lora(self.text_encoder, lora_rank, lora_alpha, text_lora_targets or TEXT_TARGETS, lora_init)
+        else:
+            self.unet.requires_grad_(True)
+            self.text_encoder.requires_grad_(self.train_text_encoder)
+        if not self.train_text_encoder:
+            self.text_encoder.eval()
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.ema = EMAModel(self.unet.parameters(), decay=ema_decay) if ema_decay and mode != "lora" else None
+        self.class_names, self.superclass = class_names, superclass
+        self.prompt_template, self.caption_dropout, self.snr_gamma = prompt_template, caption_dropout, snr_gamma
+        self.optimizer_factory, self.scheduler_factory, self.output_dir = optimizer, scheduler, output_dir
+        self.num_trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        rank_zero_info(f"{type(self).__name__} ({mode}): {self.num_trainable:,} trainable parameters")
+
+    # --- what trains --------------------------------------------------------------------------------------------
+    def trainable_parameter_names(self) -> list[str]:
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    def setup(self, stage: str) -> None:
+        dtype = LOW_PRECISION.get(str(self.trainer.precision)) if self._trainer is not None else None
+        if dtype is not None:
+            # frozen weights in low precision (memory); trainable ones stay fp32 for the optimizer
+            for module in (self.vae, self.text_encoder, self.unet):
+                if not any(p.requires_grad for p in module.parameters()):
+                    module.to(dtype)
+                elif self.mode == "lora":
+                    module.to(dtype)
+                    cast_training_params(module, dtype=torch.float32)
+        if self.class_names is None:
+            self.class_names = getattr(getattr(self.trainer, "datamodule", None), "class_names", None)
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer),
+                                                         "interval": "step"}}
+
+    # --- loss ---------------------------------------------------------------------------------------------------
+    def captions_for(self, batch: Any) -> list[str]:
+        """Per-image captions: the batch's own, else the class template."""
+        if isinstance(batch, dict) and "caption" in batch:
+            return list(batch["caption"])
+        _, labels, _ = unpack_batch(batch)
+        if self.class_names is None:
+            raise ValueError("No captions in the batch and no class_names: link the DataModule's class names.")
+        return [class_caption(self.prompt_template, self.class_names[int(i)], self.superclass) for i in labels]
+
+    def encode_prompts(self, captions: list[str]) -> torch.Tensor:
+        """Text-encoder hidden states; each distinct caption is encoded once."""
+        unique, inverse = np.unique(np.asarray(captions, dtype=object).astype(str), return_inverse=True)
+        ids = self.tokenizer(list(unique), padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        return self.text_encoder(ids)[0][torch.as_tensor(inverse, device=self.device)]
+
+    def denoising_loss(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """The (optionally min-SNR-weighted) denoising loss for images in [0, 1] and their captions."""
+        if self.caption_dropout:
+            drop = torch.rand(len(captions)) < self.caption_dropout
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
+        with torch.no_grad():
+            x = (images * 2 - 1).to(self.vae.dtype)
+            latents = self.vae.encode(x).latent_dist.sample() * self.vae.config.scaling_factor
+        latents = latents.float()
+        noise = torch.randn_like(latents)
+        steps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),),
+                              device=latents.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, steps)
+        hidden = self.encode_prompts(captions)
+        pred = self.unet(noisy.to(self.unet.dtype), steps, hidden.to(self.unet.dtype)).sample.float()
+        target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise,
+                                                                                                   steps)
+        per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+        if self.snr_gamma:
+            snr = compute_snr(self.noise_scheduler, steps)
+            weight = torch.minimum(snr, torch.full_like(snr, self.snr_gamma))
+            per_sample = per_sample * weight / (snr if self.prediction_type == "epsilon" else snr + 1)
+        return per_sample.mean()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images, _, _ = unpack_batch(batch)
+        loss = self.denoising_loss(images, self.captions_for(batch))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"Denoising loss is {loss.item()} at step {self.global_step}; lower the "
+                                     "learning rate or enable gradient clipping. The last checkpoint is kept.")
+        self.log("train/denoising", loss, prog_bar=True, batch_size=len(images))
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        images, _, _ = unpack_batch(batch)
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(batch_idx)  # the same noise every validation: a comparable curve
+        loss = self.denoising_loss(images, self.captions_for(batch))
+        torch.random.set_rng_state(generator_state)
+        self.log("val/denoising", loss, prog_bar=True, batch_size=len(images), sync_dist=True)
+
+    # --- EMA ----------------------------------------------------------------------------------------------------
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.to(self.device)
+            self.ema.step(self.unet.parameters())
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.ema is not None and "ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["ema"])
+
+    # --- saving -------------------------------------------------------------------------------------------------
+    def save(self, folder: str | Path) -> Path:
+        """Save a diffusers folder (``scratch`` / ``full``) or LoRA weights (``lora``) for ``load_lora_weights``."""
+        folder = Path(folder)
+        if self.mode == "lora":
+            save_lora(folder, self.unet, self.text_encoder if self.train_text_encoder else None)
+            return folder
+        if self.ema is not None:
+            self.ema.store(self.unet.parameters())
+            self.ema.copy_to(self.unet.parameters())
+        try:
+            self.pipeline.to(torch.float32).save_pretrained(folder)
+        finally:
+            if self.ema is not None:
+                self.ema.restore(self.unet.parameters())
+        return folder
+
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero and (self.output_dir or self.trainer.log_dir):
+            folder = self.save(Path(self.output_dir or Path(self.trainer.log_dir) / "generator"))
+            rank_zero_info(f"Generator ({self.mode}) saved to {folder}")

@@ -1,0 +1,205 @@
+"""Generation stage: requests, deterministic seeds, shards + manifest, resume after a real kill, real+synthetic."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lbgen.callbacks.dataset_writer import MANIFEST_FILE, SHARD_DIR, complete_shards
+from lbgen.components import PretrainedGenerator
+from lbgen.datamodules import (
+    FashionMNISTDataModule,
+    GenerationRequestsDataModule,
+    MixedDataModule,
+    SyntheticDataModule,
+    read_manifest,
+    request_seed,
+)
+from lbgen.datamodules.requests import top_confused
+from lbgen.models import DiffusionGenerator
+
+
+def _source(fmnist_fixture):
+    return FashionMNISTDataModule(root=str(fmnist_fixture), shots=5, image_size=16)
+
+
+def generate(tiny_generator, fmnist_fixture, out: Path, batch_size=4, devices=1, **requests):
+    data = GenerationRequestsDataModule(source_data=_source(fmnist_fixture), batch_size=batch_size,
+                                        **{"images_per_class": 2, **requests})
+    model = DiffusionGenerator(PretrainedGenerator(str(tiny_generator)), output_dir=str(out), num_inference_steps=3,
+                               shard_size=8)
+    L.Trainer(accelerator="cpu", devices=devices, logger=False, enable_progress_bar=False).predict(
+        model, data, return_predictions=False)
+    return read_manifest(out)
+
+
+def _decode(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png))).astype(int)
+
+
+def pngs(folder: Path) -> dict[str, bytes]:
+    out = {}
+    for shard in complete_shards(folder):
+        with tarfile.open(shard) as tar:
+            out.update({m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".png")})
+    return out
+
+
+def test_requests_seeds_and_sources(fmnist_fixture):
+    data = GenerationRequestsDataModule(source_data=_source(fmnist_fixture), images_per_class=3, method="genie",
+                                        base_seed=7)
+    requests = data.requests()
+    assert len(requests) == 30 and len({r["id"] for r in requests}) == 30
+    assert all(r["seed"] == request_seed(7, r["class_index"], r["index"]) for r in requests)
+    assert all(r["source_class"] != r["class_index"] for r in requests)  # GeNIe: source from another class
+    assert all(r["strength"] == 0.8 and r["prompt"] == f"a photo of a {r['class_name']}" for r in requests)
+    assert all("/" not in r["id"] for r in requests)  # "T-shirt/top" never reaches a path
+    same_class = GenerationRequestsDataModule(source_data=_source(fmnist_fixture), method="img2img_low").requests()
+    assert all(r["source_class"] == r["class_index"] and r["strength"] == 0.3 for r in same_class)
+
+
+def test_confusion_sources(fmnist_fixture, tmp_path):
+    confusion = np.eye(10, dtype=int) * 10
+    confusion[0, 6] = confusion[6, 0] = 5
+    confusion[0, 2] = 3
+    assert top_confused(confusion, 0, 2) == [6, 2]
+    names = _source(fmnist_fixture).class_names
+    (tmp_path / "cm.json").write_text(json.dumps({"class_names": names, "matrix": confusion.tolist()}))
+    data = GenerationRequestsDataModule(source_data=_source(fmnist_fixture), method="genie", images_per_class=20,
+                                        genie_sources="confusion", confusion_file=str(tmp_path / "cm.json"), top_k=2)
+    assert {r["source_class"] for r in data.requests() if r["class_index"] == 0} == {6, 2}
+    (tmp_path / "other.json").write_text(json.dumps({"class_names": names[::-1], "matrix": confusion.tolist()}))
+    bad = GenerationRequestsDataModule(source_data=_source(fmnist_fixture), method="genie",
+                                       genie_sources="confusion", confusion_file=str(tmp_path / "other.json"))
+    with pytest.raises(ValueError, match="is for classes"):
+        bad.requests()
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"images_per_class": 0}, "positive"),
+    ({"method": "img2img", "strength": 1.5}, r"\(0, 1\]"),
+    ({"method": "genie", "strength": 0.0}, r"\(0, 1\]"),
+    ({"method": "txt2img", "strength": 0.5}, "no strength"),
+    ({"method": "outpaint"}, "Unknown method"),
+])
+def test_request_errors(fmnist_fixture, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GenerationRequestsDataModule(source_data=_source(fmnist_fixture), **kwargs)
+    with pytest.raises(ValueError, match="Duplicate class names"):
+        GenerationRequestsDataModule(class_names=["a", "b", "a"])
+
+
+@pytest.mark.slow
+def test_same_request_same_image_across_batch_sizes(tiny_generator, fmnist_fixture, tmp_path):
+    _, records = generate(tiny_generator, fmnist_fixture, tmp_path / "b4", batch_size=4)
+    generate(tiny_generator, fmnist_fixture, tmp_path / "b3", batch_size=3)
+    a, b = pngs(tmp_path / "b4"), pngs(tmp_path / "b3")
+    assert len(a) == 20 and set(a) == set(b)
+    worst = max(np.abs(_decode(a[k]) - _decode(b[k])).max() for k in a)
+    assert worst <= 1  # per-request seeds: only float rounding of other batch shapes can move a level
+    # the manifest is complete and consistent with the shards
+    assert [r["id"] for r in records] == sorted(r["id"] for r in records)
+    assert {r["id"] + ".png" for r in records} == set(a)
+    assert all(r["generator_id"] == str(tiny_generator) and r["num_inference_steps"] == 3 for r in records)
+
+
+@pytest.mark.slow
+def test_img2img_at_tiny_strength_returns_the_source(tiny_generator, fmnist_fixture, tmp_path):
+    _, records = generate(tiny_generator, fmnist_fixture, tmp_path / "i2i", method="img2img", strength=0.01,
+                          images_per_class=1)
+    data = _source(fmnist_fixture)
+    data.setup("fit")
+    pool = data._pool[0]
+    images = SyntheticDataModule(str(tmp_path / "i2i"), image_size=16)
+    images.setup("fit")
+    vae = PretrainedGenerator(str(tiny_generator))().vae
+    for i, record in enumerate(records):
+        source = pool.load(int(record["source_id"].split(":")[1])).float() / 255
+        with torch.no_grad():  # what the VAE alone gives back: the best img2img can do as strength -> 0
+            roundtrip = (vae(source[None] * 2 - 1).sample[0].clamp(-1, 1) + 1) / 2
+        assert (images.train_dataset[i]["image"] - roundtrip).abs().mean() < 0.02
+
+
+@pytest.mark.slow
+def test_resume_after_kill_gives_the_uninterrupted_dataset(tiny_generator, fmnist_fixture, tmp_path):
+    reference = tmp_path / "reference"
+    generate(tiny_generator, fmnist_fixture, reference, images_per_class=6, batch_size=4)
+    target = tmp_path / "killed"
+    script = f"""
+import sys; sys.path.insert(0, {str(Path(__file__).parents[1])!r})
+from pathlib import Path
+from tests.test_generation import generate
+generate(Path({str(tiny_generator)!r}), Path({str(fmnist_fixture)!r}), Path({str(target)!r}),
+         images_per_class=6, batch_size=4)
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    for shards_before_kill in (1, 3):  # kill twice at different points, then let it finish
+        proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:
+            if target.exists() and len(complete_shards(target)) >= shards_before_kill:
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (target / MANIFEST_FILE).exists() or len(read_manifest(target)[1]) < 60
+    generate(tiny_generator, fmnist_fixture, target, images_per_class=6, batch_size=4)
+    assert pngs(target) == pngs(reference)  # same bytes, none duplicated, none missing
+    assert [r["id"] for r in read_manifest(target)[1]] == [r["id"] for r in read_manifest(reference)[1]]
+    assert not list((target / SHARD_DIR).glob("*.tmp"))
+
+
+def test_rerun_with_other_settings_is_refused(tiny_generator, fmnist_fixture, tmp_path):
+    generate(tiny_generator, fmnist_fixture, tmp_path / "out", images_per_class=1)
+    with pytest.raises(ValueError, match="other settings"):
+        generate(tiny_generator, fmnist_fixture, tmp_path / "out", images_per_class=1, base_seed=5)
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_two_processes_make_the_same_dataset(tiny_generator, fmnist_fixture, tmp_path):
+    script = f"""
+import sys
+from pathlib import Path
+from tests.test_generation import generate
+generate(Path({str(tiny_generator)!r}), Path({str(fmnist_fixture)!r}), Path(sys.argv[1]), images_per_class=3,
+         batch_size=4, devices=int(sys.argv[2]))
+"""
+    (tmp_path / "run.py").write_text(script)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    for n in (1, 2):
+        subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / f"p{n}"), str(n)], env=env,
+                       check=True, timeout=300, capture_output=True)
+    one, two = pngs(tmp_path / "p1"), pngs(tmp_path / "p2")
+    assert len(one) == 30 and one == two
+    shards_two = {s.name.split("-r")[1][:3] for s in complete_shards(tmp_path / "p2")}
+    assert shards_two == {"000", "001"}  # each rank wrote its own shards
+
+
+@pytest.mark.slow
+def test_mixed_data_trains_a_classifier(tiny_generator, fmnist_fixture, tmp_path):
+    generate(tiny_generator, fmnist_fixture, tmp_path / "syn", images_per_class=2)
+    real = FashionMNISTDataModule(root=str(fmnist_fixture), shots=2, image_size=16, batch_size=8)
+    synthetic = SyntheticDataModule(str(tmp_path / "syn"), image_size=16)
+    mixed = MixedDataModule(real, synthetic, synthetic_fraction=0.5, samples_per_epoch=40)
+    mixed.setup("fit")
+    batch = next(iter(mixed.train_dataloader()))
+    assert set(batch["source"].tolist()) == {0, 1}
+    assert synthetic.train_class_counts == [2] * 10 and mixed.train_class_counts == [2] * 10
+    other = SyntheticDataModule(str(tmp_path / "syn"), image_size=32)
+    with pytest.raises(ValueError, match="image_size"):
+        MixedDataModule(real, other)

@@ -1,0 +1,119 @@
+"""Generator training systems: what trains in each mode, LoRA round trip, VAE stage, saved folders."""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+from lbgen.components import NewGenerator, PretrainedGenerator
+from lbgen.components.diffusion import load_generator
+from lbgen.datamodules import FashionMNISTDataModule
+from lbgen.models import AutoencoderTrainer, TextToImageTrainer
+from lbgen.models.text_to_image import class_caption
+
+from .test_cli_and_configs import TINY_NEW_GENERATOR
+
+
+def _data(fmnist_fixture, **kwargs):
+    return FashionMNISTDataModule(root=str(fmnist_fixture), image_size=16, batch_size=8, **kwargs)
+
+
+def _fit_one_step(model, data, tmp_path, **kwargs):
+    L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, default_root_dir=tmp_path, **kwargs).fit(model, data)
+
+
+@pytest.mark.parametrize(("mode", "text", "expected"), [
+    ("lora", False, {"unet": "lora"}),
+    ("lora", True, {"unet": "lora", "text_encoder": "lora"}),
+    ("full", False, {"unet": "all"}),
+    ("scratch", False, {"unet": "all", "text_encoder": "all"}),
+])
+def test_one_step_changes_exactly_the_trainable_parameters(mode, text, expected, tiny_generator, fmnist_fixture,
+                                                           tmp_path):
+    torch.manual_seed(0)
+    model = TextToImageTrainer(PretrainedGenerator(str(tiny_generator)), mode=mode, train_text_encoder=text,
+                               lora_rank=4, lora_init=False, caption_dropout=0.0,
+                               optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))  # Adam: any gradient moves a weight
+    names = model.trainable_parameter_names()
+    for part in ("unet", "text_encoder", "vae"):
+        chosen = [n for n in names if n.startswith(part + ".")]
+        if expected.get(part) == "lora":
+            assert chosen and all("lora_" in n for n in chosen), part
+        elif expected.get(part) == "all":
+            assert len(chosen) == sum(1 for n, _ in getattr(model, part).named_parameters()), part
+        else:
+            assert not chosen, part
+    assert model.num_trainable == sum(p.numel() for n, p in model.named_parameters() if n in set(names))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _fit_one_step(model, _data(fmnist_fixture, shots=2), tmp_path)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == set(names)  # every trainable parameter moved, nothing else did
+
+
+def test_captions_from_templates_and_from_the_batch(tiny_generator):
+    model = TextToImageTrainer(PretrainedGenerator(str(tiny_generator)), mode="lora", lora_rank=2,
+                               class_names=["T-shirt/top", "Bag"], superclass="garment",
+                               prompt_template="a photo of a {class}, a {superclass}")
+    assert model.captions_for({"image": None, "label": torch.tensor([1, 0])}) == [
+        "a photo of a Bag, a garment", "a photo of a T-shirt/top, a garment"]
+    assert model.captions_for({"label": torch.tensor([0]), "caption": ["own caption"]}) == ["own caption"]
+    assert class_caption("a photo of a {class}", "Coat") == "a photo of a Coat"
+
+
+@pytest.mark.slow
+def test_lora_save_then_load_gives_identical_images(tiny_generator, fmnist_fixture, tmp_path):
+    torch.manual_seed(0)
+    model = TextToImageTrainer(PretrainedGenerator(str(tiny_generator)), mode="lora", train_text_encoder=True,
+                               lora_rank=4, lora_init=False, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    _fit_one_step(model, _data(fmnist_fixture, shots=2), tmp_path)
+    model.save(tmp_path / "lora")
+
+    def sample(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(["a photo of a Bag"], num_inference_steps=3, guidance_scale=2.0, height=16, width=16,
+                    output_type="np", generator=torch.Generator().manual_seed(3)).images
+
+    trained = StableDiffusionPipeline(**{**model.pipeline.components})
+    reference = sample(trained)
+    loaded = load_generator(str(tiny_generator), lora=str(tmp_path / "lora"))
+    np.testing.assert_allclose(sample(loaded), reference, atol=1e-5)
+    base = sample(load_generator(str(tiny_generator)))
+    assert np.abs(base - reference).max() > 1e-3  # the LoRA does change the images
+
+
+@pytest.mark.slow
+def test_vae_stage_then_scratch_generator_is_a_diffusers_folder(fmnist_fixture, tmp_path):
+    torch.manual_seed(0)
+    vae_system = AutoencoderTrainer(image_size=16, block_out_channels=(16, 32), output_dir=str(tmp_path / "vae"))
+    L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              default_root_dir=tmp_path).fit(vae_system, _data(fmnist_fixture))
+    vae = AutoencoderKL.from_pretrained(tmp_path / "vae", local_files_only=True)
+    assert vae.config.scaling_factor == pytest.approx(vae_system.scaling_factor) and vae.config.scaling_factor > 0
+    generator = NewGenerator(vae=str(tmp_path / "vae"), **TINY_NEW_GENERATOR)
+    model = TextToImageTrainer(generator, mode="scratch", ema_decay=0.9, output_dir=str(tmp_path / "gen"))
+    L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              default_root_dir=tmp_path).fit(model, _data(fmnist_fixture))
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "gen", local_files_only=True)
+    assert pipe.vae.config.scaling_factor == pytest.approx(vae_system.scaling_factor)
+    # the saved UNet is the EMA one, not the raw weights
+    raw = dict(model.unet.named_parameters())
+    saved = dict(pipe.unet.named_parameters())
+    assert any(not torch.allclose(raw[n].float(), saved[n]) for n in saved)
+
+
+def test_vae_loss_terms_reach_the_gradient(fmnist_fixture):
+    system = AutoencoderTrainer(image_size=16, block_out_channels=(16, 32), kl_weight=1e-3)
+    images = torch.rand(2, 3, 16, 16)
+    for name in ("mse", "l1", "kl"):
+        system.zero_grad()
+        torch.manual_seed(0)
+        terms, _ = system.loss_terms(images)
+        terms[name].backward()
+        grads = [p.grad for p in system.vae.encoder.parameters() if p.grad is not None]
+        assert grads and any(g.abs().sum() > 0 for g in grads), name
+    with pytest.raises(ValueError, match="All loss weights are 0"):
+        AutoencoderTrainer(mse_weight=0, l1_weight=0, kl_weight=0)
