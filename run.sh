@@ -13,6 +13,8 @@ PYTHON=${PYTHON:-python3}
 RUN_DIR=${RUN_DIR:-$HOME/lbgen-runs}
 FMNIST_DEFAULT=/usr/share/datasets/fashion-mnist
 FMNIST=${LBGEN_FASHION_MNIST:-$FMNIST_DEFAULT}
+case $VENV in /*) ;; *) VENV=$PWD/$VENV ;; esac  # absolute: the quickstart works in its run folder
+case $RUN_DIR in /*) ;; *) RUN_DIR=$PWD/$RUN_DIR ;; esac
 
 log() { printf '\033[1m[lbgen]\033[0m %s\n' "$*"; }
 
@@ -57,19 +59,42 @@ setup_data() {
   return 1
 }
 
+# Run a stage unless its output marker exists (a finished stage is reused by the next quickstart).
+stage() {
+  local marker=$1; shift
+  if [ -e "$marker" ]; then log "reusing $marker"; return; fi
+  log "$*"
+  "$VENV/bin/lbgen" "$@" --trainer.enable_progress_bar=false
+}
+
 quickstart() {
   setup_data || exit 1
-  local out="$RUN_DIR/quickstart/classifier_5shot"
-  log "quickstart: 5-shot Fashion-MNIST classifier, real images only (outputs under $out)"
-  "$VENV/bin/lbgen" fit -c configs/classifier/fashion_5shot.yaml --trainer.default_root_dir "$out"
-  local latest
-  latest=$(ls -d "$out"/version_* | sort -V | tail -n 1)
-  "$VENV/bin/python" - "$latest" <<'PY'
-import json, sys
-m = json.load(open(f"{sys.argv[1]}/test_metrics.json"))
-print(f"\n5-shot Fashion-MNIST, real only: top-1 {100 * m['acc']:.2f}% on {m['num_test_images']} test images "
-      f"({sys.argv[1]})")
-PY
+  local repo; repo=$(pwd)
+  local out="$RUN_DIR/quickstart"
+  mkdir -p "$out"
+  log "quickstart: embedded generator on Fashion-MNIST, 4 generation methods, 5-shot classifiers (outputs in $out)"
+  # Recipes name their inputs and outputs relative to the working folder (runs/...), so stages chain there.
+  cd "$out"
+  stage runs/embedded/vae/config.json fit -c "$repo/configs/generator/fashion_vae.yaml" \
+    --trainer.default_root_dir runs/logs/vae
+  stage runs/embedded/generator/model_index.json fit -c "$repo/configs/generator/fashion_pretrain.yaml" \
+    --trainer.default_root_dir runs/logs/generator
+  local methods="txt2img img2img_low img2img_high genie"
+  for m in $methods; do
+    stage "runs/synthetic/$m/manifest.jsonl" predict -c "$repo/configs/generate/fashion_$m.yaml"
+  done
+  stage runs/classifier/real_only/version_0/test_metrics.json fit -c "$repo/configs/classifier/fashion_5shot.yaml" \
+    --trainer.default_root_dir runs/classifier/real_only
+  local table=("5-shot real only=runs/classifier/real_only")
+  for m in $methods; do
+    stage "runs/classifier/$m/version_0/test_metrics.json" fit \
+      -c "$repo/configs/classifier/fashion_5shot_plus_synthetic.yaml" \
+      --data.init_args.synthetic.init_args.folder "runs/synthetic/$m" --trainer.default_root_dir "runs/classifier/$m"
+    table+=("5-shot real + 100/class $m=runs/classifier/$m")
+  done
+  echo
+  log "5-shot Fashion-MNIST, top-1 on the 10k test set (outputs in $out/runs)"
+  "$VENV/bin/python" -m lbgen.evaluation.summary "${table[@]}"
 }
 
 run_tests() {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from argparse import RawDescriptionHelpFormatter
 from pathlib import Path
 from typing import Literal
@@ -18,7 +19,9 @@ Stages (each reads a YAML recipe from configs/, e.g. `lbgen fit -c configs/class
   fit       train a system: a classifier on real (+ synthetic) data; tests it afterwards (--test_after_fit)
   validate  evaluate a trained system on the validation hold-out
   test      evaluate a classifier on the untouched test set; writes test_metrics.json and confusion_matrix.json
-  predict   run a system's predict step (class probabilities of a classifier)
+  predict   run a system's predict step: generate a synthetic dataset (configs/generate/), or class
+            probabilities of a classifier
+  export    `lbgen export DATASET_DIR OUT_DIR`: copy a generated dataset to plain PNG folders + metadata.jsonl
 Outputs go to <trainer.default_root_dir>/version_N/ (config, metrics.csv, splits.json, checkpoints/);
 the default root is ./runs.
 """
@@ -86,9 +89,17 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LBGenCLI:
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Console script ``lbgen`` (returns nothing, so the exit code is 0 on success)."""
-    cli_main()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:
+        if len(argv) != 3:
+            raise SystemExit("usage: lbgen export DATASET_DIR OUT_DIR")
+        from lbgen.datamodules.synthetic import export_image_folder
+
+        print(f"Exported to {export_image_folder(argv[1], argv[2])}")
+        return
+    cli_main(argv)
 
 
 if __name__ == "__main__":

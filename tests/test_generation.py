@@ -203,3 +203,17 @@ def test_mixed_data_trains_a_classifier(tiny_generator, fmnist_fixture, tmp_path
     other = SyntheticDataModule(str(tmp_path / "syn"), image_size=32)
     with pytest.raises(ValueError, match="image_size"):
         MixedDataModule(real, other)
+
+
+def test_export_image_folder(tiny_generator, fmnist_fixture, tmp_path):
+    generate(tiny_generator, fmnist_fixture, tmp_path / "syn", images_per_class=1)
+    from lbgen.cli import main
+
+    main(["export", str(tmp_path / "syn"), str(tmp_path / "plain")])
+    lines = [json.loads(line) for line in (tmp_path / "plain" / "metadata.jsonl").read_text().splitlines()]
+    assert len(lines) == 10
+    tshirt = next(r for r in lines if r["class_name"] == "T-shirt/top")
+    assert tshirt["file_name"] == "0000_T-shirt_top/c0000-i000000.png"
+    assert (tmp_path / "plain" / tshirt["file_name"]).read_bytes() == pngs(tmp_path / "syn")["c0000-i000000.png"]
+    with pytest.raises(FileExistsError):
+        main(["export", str(tmp_path / "syn"), str(tmp_path / "plain")])

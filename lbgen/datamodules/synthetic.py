@@ -174,3 +174,35 @@ class MixedDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.real.test_dataloader()
+
+
+def safe_folder_name(class_index: int, name: str) -> str:
+    """A path-safe, unique folder name for a class: its index plus the name with anything unusual replaced."""
+    cleaned = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "-_ ") else "_" for ch in name).strip(" ._")
+    return f"{class_index:04d}_{cleaned.replace(' ', '_') or 'class'}"
+
+
+def export_image_folder(folder: str | Path, out: str | Path) -> Path:
+    """Copy a generated dataset into plain files: ``out/<index>_<class>/<id>.png`` + ``out/metadata.jsonl``.
+
+    ``metadata.jsonl`` has one line per image: ``file_name`` (relative to ``out``) and the manifest record.
+    Class names never become raw paths ("T-shirt/top" becomes ``0000_T-shirt_top``).
+    """
+    folder, out = Path(folder), Path(out)
+    run, records = read_manifest(folder)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new folder.")
+    by_shard: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        by_shard.setdefault(record["shard"], []).append(record)
+    lines = []
+    for shard, shard_records in by_shard.items():
+        with tarfile.open(folder / SHARD_DIR / shard) as tar:
+            for record in shard_records:
+                relative = Path(safe_folder_name(record["class_index"], record.get("class_name", ""))) / (
+                    record["id"] + ".png")
+                (out / relative).parent.mkdir(parents=True, exist_ok=True)
+                (out / relative).write_bytes(tar.extractfile(record["id"] + ".png").read())
+                lines.append(json.dumps({"file_name": relative.as_posix(), **record}, sort_keys=True))
+    (out / "metadata.jsonl").write_text("\n".join(sorted(lines)) + "\n")
+    return out
