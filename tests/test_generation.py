@@ -123,7 +123,7 @@ def test_img2img_at_tiny_strength_returns_the_source(tiny_generator, fmnist_fixt
     data = _source(fmnist_fixture)
     data.setup("fit")
     pool = data._pool[0]
-    images = SyntheticDataModule(str(tmp_path / "i2i"), image_size=16)
+    images = SyntheticDataModule(str(tmp_path / "i2i"), image_size=16, augmentation="none")
     images.setup("fit")
     vae = PretrainedGenerator(str(tiny_generator))().vae
     for i, record in enumerate(records):
