@@ -22,7 +22,7 @@ class AlwaysClass(nn.Module):
         self.dummy = nn.Parameter(torch.zeros(()))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        assert 0 <= images.min() and images.max() <= 1
+        assert images.min() >= 0 and images.max() <= 1
         logits = torch.zeros(len(images), 10)
         logits[:, self.answer] = 1
         return logits
