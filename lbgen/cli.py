@@ -11,6 +11,7 @@ import lightning as L
 from jsonargparse import DefaultHelpFormatter, Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 DESCRIPTION = """\
 lbgen: turn text-to-image diffusion models into training data for image classifiers, and measure what it buys.
@@ -54,7 +55,7 @@ class LBGenCLI(LightningCLI):
     def after_fit(self) -> None:
         mode = self.config.get(str(self.subcommand), self.config).get("test_after_fit", "no")
         trainer = self.trainer
-        if mode != "no" and not trainer.interrupted and hasattr(self.model, "test_step"):
+        if mode != "no" and not trainer.interrupted and is_overridden("test_step", self.model):
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
             if mode == "best" and not best:
                 rank_zero_info("test_after_fit=best but no best checkpoint was saved: testing the final weights.")

@@ -122,7 +122,7 @@ def test_img2img_at_tiny_strength_returns_the_source(tiny_generator, fmnist_fixt
                           images_per_class=1)
     data = _source(fmnist_fixture)
     data.setup("fit")
-    pool = data._pool[0]
+    pool = data.pool[0]
     images = SyntheticDataModule(str(tmp_path / "i2i"), image_size=16, augmentation="none")
     images.setup("fit")
     vae = PretrainedGenerator(str(tiny_generator))().vae

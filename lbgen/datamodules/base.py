@@ -153,11 +153,16 @@ class ImageClassificationDataModule(L.LightningDataModule):
 
     # --- split ------------------------------------------------------------------------------------------------
     @property
+    def pool(self) -> tuple[ImageSource, np.ndarray]:
+        """The training pool (images, labels), loaded once."""
+        if self._pool is None:
+            self._pool = self.load_pool()
+        return self._pool
+
+    @property
     def split(self) -> Split:
         if self._split is None:
-            if self._pool is None:
-                self._pool = self.load_pool()
-            images, labels = self._pool
+            images, labels = self.pool
             self._split = (self._split_from_file(images) if self.split_file else
                            make_split(labels, self.num_classes, shots=self.shots,
                                       imbalance_factor=self.imbalance_factor, max_per_class=self.max_per_class,
@@ -180,14 +185,12 @@ class ImageClassificationDataModule(L.LightningDataModule):
     @property
     def train_class_counts(self) -> list[int]:
         """Training images per class in the current split."""
-        split = self.split  # loads the pool
-        labels = self._pool[1]
-        return np.bincount(labels[split.train], minlength=self.num_classes).tolist()
+        return np.bincount(self.pool[1][self.split.train], minlength=self.num_classes).tolist()
 
     def split_record(self) -> dict[str, Any]:
         """Everything needed to audit or reproduce the split: parameters and the id of every chosen sample."""
         split = self.split
-        images, _ = self._pool
+        images, _ = self.pool
         return {"dataset": self.dataset_name, "class_names": self.class_names, "split_seed": self.split_seed,
                 "shots": self.shots, "imbalance_factor": self.imbalance_factor, "max_per_class": self.max_per_class,
                 "val_per_class": self.val_per_class, "train_class_counts": self.train_class_counts,
@@ -206,7 +209,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
     # --- Lightning hooks --------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         split = self.split
-        images, labels = self._pool
+        images, labels = self.pool
         if stage in ("fit", "validate") and self.val_dataset is None:
             self.val_dataset = ClassificationDataset(images, split.val, labels, eval_transform())
         if stage == "fit" and self.train_dataset is None:

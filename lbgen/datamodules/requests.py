@@ -167,7 +167,7 @@ class GenerationRequestsDataModule(L.LightningDataModule):
         sources = None
         if self.method != "txt2img":
             split = self.source_data.split  # loads the real pool
-            pool, labels = self.source_data._pool
+            pool, labels = self.source_data.pool
             sources = {c: split.train[labels[split.train] == c] for c in range(self.num_classes)}
             candidates = {c: [s for s in range(self.num_classes) if s != c and len(sources[s])]
                           for c in range(self.num_classes)}
@@ -198,7 +198,7 @@ class GenerationRequestsDataModule(L.LightningDataModule):
         requests = self.requests()
         chunks = [requests[i:i + self.batch_size] for i in range(0, len(requests), self.batch_size)]
         chunks = [c for c in chunks if not all(r["id"] in self._skip for r in c)]
-        images = self.source_data._pool[0] if self.method != "txt2img" else None
+        images = self.source_data.pool[0] if self.method != "txt2img" else None
         self.dataset = RequestChunks(chunks, images)
 
     def predict_dataloader(self) -> DataLoader:

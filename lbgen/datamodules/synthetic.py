@@ -48,7 +48,7 @@ def load_images(folder: str | Path, records: list[dict[str, Any]], image_size: i
                 image = Image.open(io.BytesIO(member.read())).convert("RGB")
                 if image.size != (image_size, image_size):
                     image = image.resize((image_size, image_size), Image.BICUBIC)
-                out[i] = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
+                out[i] = torch.from_numpy(np.array(image)).permute(2, 0, 1)
     return out
 
 
@@ -96,9 +96,7 @@ class SyntheticDataModule(ImageClassificationDataModule):
         raise ValueError("A synthetic dataset has no test set: test on real data (MixedDataModule does).")
 
     def setup(self, stage: str) -> None:
-        if self._pool is None:
-            self._pool = self.load_pool()
-        images, labels = self._pool
+        images, labels = self.pool
         if stage == "fit" and self.train_dataset is None:
             self.train_dataset = ClassificationDataset(images, np.arange(len(labels)), labels,
                                                        augmentation_preset(self.augmentation, self.image_size),
