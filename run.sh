@@ -63,8 +63,10 @@ setup_data() {
 stage() {
   local marker=$1; shift
   if [ -e "$marker" ]; then log "reusing $marker"; return; fi
-  log "$*"
+  log "lbgen $*"
+  local start=$SECONDS
   "$VENV/bin/lbgen" "$@" --trainer.enable_progress_bar=false
+  log "done in $((SECONDS - start)) s"
 }
 
 quickstart() {
