@@ -92,15 +92,15 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LBGenCLI:
 
 def main(argv: list[str] | None = None) -> None:
     """Console script ``lbgen`` (returns nothing, so the exit code is 0 on success)."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["export"]:
-        if len(argv) != 3:
+    words = sys.argv[1:] if argv is None else argv
+    if words[:1] == ["export"]:
+        if len(words) != 3:
             raise SystemExit("usage: lbgen export DATASET_DIR OUT_DIR")
         from lbgen.datamodules.synthetic import export_image_folder
 
-        print(f"Exported to {export_image_folder(argv[1], argv[2])}")
+        print(f"Exported to {export_image_folder(words[1], words[2])}")
         return
-    cli_main(argv)
+    cli_main(argv)  # None: LightningCLI reads sys.argv itself
 
 
 if __name__ == "__main__":

@@ -117,3 +117,13 @@ def test_vae_loss_terms_reach_the_gradient(fmnist_fixture):
         assert grads and any(g.abs().sum() > 0 for g in grads), name
     with pytest.raises(ValueError, match="All loss weights are 0"):
         AutoencoderTrainer(mse_weight=0, l1_weight=0, kl_weight=0)
+
+
+def test_bf16_mixed_keeps_frozen_parts_low_and_trainable_fp32(tiny_generator, fmnist_fixture, tmp_path):
+    torch.manual_seed(0)
+    model = TextToImageTrainer(PretrainedGenerator(str(tiny_generator)), mode="lora", lora_rank=4, lora_init=False)
+    _fit_one_step(model, _data(fmnist_fixture, shots=2), tmp_path, precision="bf16-mixed")
+    for name, param in model.named_parameters():
+        expected = torch.float32 if param.requires_grad else torch.bfloat16
+        assert param.dtype == expected, name
+    assert any(p.requires_grad for p in model.unet.parameters())
