@@ -13,6 +13,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 
 from lbgen.models.classifier import unpack_batch
+from lbgen.models.optim import configure_optimizers
 
 
 class AutoencoderTrainer(L.LightningModule):
@@ -30,7 +31,8 @@ class AutoencoderTrainer(L.LightningModule):
         l1_weight: weight of the absolute reconstruction error.
         kl_weight: weight of the KL divergence to N(0, I).
         optimizer: optimizer factory.
-        scheduler: learning-rate scheduler factory (stepped every step).
+        scheduler: learning-rate scheduler factory, stepped every step (``OneCycleLR`` without ``total_steps``
+            gets the run's step count).
         output_dir: where to save the VAE (a stable path later stages can name); default <run dir>/vae.
         num_classes: accepted for the CLI's data link; unused.
         class_names: accepted for the CLI's data link; unused.
@@ -84,11 +86,8 @@ class AutoencoderTrainer(L.LightningModule):
         self.log("val/mse", F.mse_loss(reconstruction, x), prog_bar=True, batch_size=len(images), sync_dist=True)
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.vae.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer),
-                                                         "interval": "step"}}
+        return configure_optimizers(self.vae.parameters(), self.optimizer_factory, self.scheduler_factory,
+                                    self.trainer)
 
     @property
     def scaling_factor(self) -> float:

@@ -17,6 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from lbgen.evaluation.longtail import bucket_accuracy, class_buckets, is_imbalanced
 from lbgen.losses.classification import SourceWeightedCrossEntropy
+from lbgen.models.optim import configure_optimizers
 
 CONFUSION_FILE, TEST_METRICS_FILE = "confusion_matrix.json", "test_metrics.json"
 
@@ -113,16 +114,7 @@ class ImageClassifier(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
-        if self.scheduler_factory is None:
-            return optimizer
-        # A schedule that needs its length (OneCycleLR) and was given none gets the run's number of optimizer
-        # steps, so `max_steps` / epochs are set in one place only.
-        keywords = getattr(self.scheduler_factory, "keywords", {})
-        needs_length = "total_steps" in keywords and keywords["total_steps"] is None and not keywords.get("epochs")
-        extra = {"total_steps": int(self.trainer.estimated_stepping_batches)} if needs_length else {}
-        scheduler = self.scheduler_factory(optimizer, **extra)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure_optimizers(params, self.optimizer_factory, self.scheduler_factory, self.trainer)
 
     # --- steps ------------------------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

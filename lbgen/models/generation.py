@@ -43,7 +43,7 @@ class DiffusionGenerator(L.LightningModule):
         pipe = generator()
         pipe.set_progress_bar_config(disable=True)
         self.txt2img = pipe
-        self.img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+        self.img2img = StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
         self.img2img.set_progress_bar_config(disable=True)
         # registered so that Lightning moves them to the device (and DDP sees a module)
         self.unet, self.vae, self.text_encoder = pipe.unet, pipe.vae, pipe.text_encoder

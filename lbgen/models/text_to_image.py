@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lbgen.components.diffusion import GeneratorSource
 from lbgen.components.lora import TEXT_TARGETS, UNET_TARGETS, add_lora, save_lora
 from lbgen.models.classifier import unpack_batch
+from lbgen.models.optim import configure_optimizers
 
 Mode = Literal["scratch", "full", "lora"]
 LOW_PRECISION = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16,
@@ -54,7 +55,8 @@ class TextToImageTrainer(L.LightningModule):
         ema_decay: keep an EMA of the UNet (not in ``lora`` mode) and save it instead of the raw weights.
         gradient_checkpointing: trade compute for memory in the UNet.
         optimizer: optimizer factory.
-        scheduler: learning-rate scheduler factory (stepped every step).
+        scheduler: learning-rate scheduler factory, stepped every step (``OneCycleLR`` without ``total_steps``
+            gets the run's step count).
         output_dir: where to save the generator / LoRA (a stable path later stages can name); default
             <run dir>/generator.
         num_classes: linked from the data.
@@ -114,12 +116,21 @@ class TextToImageTrainer(L.LightningModule):
         self.class_names, self.superclass = class_names, superclass
         self.prompt_template, self.caption_dropout, self.snr_gamma = prompt_template, caption_dropout, snr_gamma
         self.optimizer_factory, self.scheduler_factory, self.output_dir = optimizer, scheduler, output_dir
+        self._check_trainable()
         self.num_trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         rank_zero_info(f"{type(self).__name__} ({mode}): {self.num_trainable:,} trainable parameters")
 
     # --- what trains --------------------------------------------------------------------------------------------
     def trainable_parameter_names(self) -> list[str]:
         return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    def _check_trainable(self) -> None:
+        """Fail early if anything but the intended parameters would train (e.g. a module unfrozen elsewhere)."""
+        allowed = ("unet.", "text_encoder.") if self.train_text_encoder else ("unet.",)
+        wrong = [n for n in self.trainable_parameter_names()
+                 if not n.startswith(allowed) or (self.mode == "lora" and "lora_" not in n)]
+        if wrong or not self.trainable_parameter_names():
+            raise RuntimeError(f"Unexpected trainable parameters in mode {self.mode!r}: {wrong[:5] or 'none'}.")
 
     def setup(self, stage: str) -> None:
         dtype = LOW_PRECISION.get(str(self.trainer.precision)) if self._trainer is not None else None
@@ -136,11 +147,7 @@ class TextToImageTrainer(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
-        if self.scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer),
-                                                         "interval": "step"}}
+        return configure_optimizers(params, self.optimizer_factory, self.scheduler_factory, self.trainer)
 
     # --- loss ---------------------------------------------------------------------------------------------------
     def captions_for(self, batch: Any) -> list[str]:
