@@ -99,6 +99,19 @@ def test_backbone_transfers_from_a_classifier_checkpoint(fmnist_fixture, tmp_pat
         TimmBackbone("resnet10t", checkpoint_path=ckpt)
 
 
+def test_pretrained_backbone_is_saved_for_transfer(fmnist_fixture, tmp_path):
+    """Pre-train -> ``backbone_output`` (safetensors) -> a transfer run's ``TimmBackbone(checkpoint_path=...)``."""
+    out = tmp_path / "pretrain" / "backbone.safetensors"
+    model = _classifier(backbone_output=str(out))
+    _trainer(tmp_path, max_steps=2).fit(model, FashionMNISTDataModule(root=str(fmnist_fixture), shots=2,
+                                                                       batch_size=8))
+    assert out.is_file() and not list(out.parent.glob("*.tmp"))
+    probe = ImageClassifier(TimmBackbone("test_resnet", checkpoint_path=str(out)), num_classes=10, finetune="linear")
+    for (name, a), b in zip(model.backbone.state_dict().items(), probe.backbone.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    assert not any(p.requires_grad for p in probe.backbone.parameters())
+
+
 class _Payload:
     def __reduce__(self):
         return (print, ("pwned",))

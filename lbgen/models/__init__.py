@@ -3,6 +3,7 @@
 from lbgen.models.autoencoder import AutoencoderTrainer
 from lbgen.models.classifier import ImageClassifier
 from lbgen.models.generation import DiffusionGenerator
+from lbgen.models.lbgen_trainer import LbGenTrainer
 from lbgen.models.text_to_image import TextToImageTrainer
 
-__all__ = ["AutoencoderTrainer", "DiffusionGenerator", "ImageClassifier", "TextToImageTrainer"]
+__all__ = ["AutoencoderTrainer", "DiffusionGenerator", "ImageClassifier", "LbGenTrainer", "TextToImageTrainer"]

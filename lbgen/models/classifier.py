@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from lightning.pytorch.utilities import rank_zero_info
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -46,6 +47,9 @@ class ImageClassifier(L.LightningModule):
         many_threshold: classes with more training images are "many" (long-tail report).
         few_threshold: classes with fewer training images are "few" (long-tail report).
         channels_last: use the channels-last memory format (faster convolutions on CPU and tensor cores).
+        backbone_output: at the end of training, save the backbone's weights to this ``.safetensors`` file (a stable
+            path: how a backbone pre-trained on a generated dataset is handed to a transfer run's
+            ``TimmBackbone(checkpoint_path=...)``).
     """
 
     def __init__(
@@ -60,6 +64,7 @@ class ImageClassifier(L.LightningModule):
         many_threshold: int = 100,
         few_threshold: int = 20,
         channels_last: bool = False,
+        backbone_output: str | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -82,6 +87,7 @@ class ImageClassifier(L.LightningModule):
         self.class_names = class_names or [str(i) for i in range(num_classes)]
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.many_threshold, self.few_threshold, self.channels_last = many_threshold, few_threshold, channels_last
+        self.backbone_output = backbone_output
         if finetune == "linear":
             self.backbone.requires_grad_(False).eval()
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -98,6 +104,17 @@ class ImageClassifier(L.LightningModule):
 
     def on_train_start(self) -> None:
         self.train()  # Lightning keeps the modes it finds; make sure a probed backbone starts in eval mode
+
+    def on_train_end(self) -> None:
+        if self.backbone_output and self.trainer.is_global_zero:
+            from safetensors.torch import save_file
+
+            path = Path(self.backbone_output)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            state = {k: v.detach().cpu().contiguous() for k, v in self.backbone.state_dict().items()}
+            save_file(state, str(path.with_suffix(".tmp")))
+            path.with_suffix(".tmp").replace(path)  # atomic: a reader never sees half a file
+            rank_zero_info(f"Backbone weights saved to {path}")
 
     def setup(self, stage: str) -> None:
         names = getattr(getattr(self.trainer, "datamodule", None), "class_names", None)

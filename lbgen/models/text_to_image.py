@@ -24,6 +24,20 @@ LOW_PRECISION = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-
                  "16-true": torch.float16}
 
 
+def low_precision_setup(system: L.LightningModule, modules: list[torch.nn.Module], lora: bool) -> None:
+    """Under ``*16`` precision, cast frozen modules (and LoRA hosts) to the low dtype for memory; trainable
+    parameters stay fp32 for the optimizer."""
+    dtype = LOW_PRECISION.get(str(system.trainer.precision)) if system._trainer is not None else None
+    if dtype is None:
+        return
+    for module in modules:
+        if not any(p.requires_grad for p in module.parameters()):
+            module.to(dtype)
+        elif lora:
+            module.to(dtype)
+            cast_training_params(module, dtype=torch.float32)
+
+
 def class_caption(template: str, class_name: str, superclass: str | None = None) -> str:
     """``template`` filled with ``{class}`` (and ``{superclass}``), e.g. "a photo of a {class}"."""
     return template.format(**{"class": class_name, "superclass": superclass or ""})
@@ -133,15 +147,7 @@ class TextToImageTrainer(L.LightningModule):
             raise RuntimeError(f"Unexpected trainable parameters in mode {self.mode!r}: {wrong[:5] or 'none'}.")
 
     def setup(self, stage: str) -> None:
-        dtype = LOW_PRECISION.get(str(self.trainer.precision)) if self._trainer is not None else None
-        if dtype is not None:
-            # frozen weights in low precision (memory); trainable ones stay fp32 for the optimizer
-            for module in (self.vae, self.text_encoder, self.unet):
-                if not any(p.requires_grad for p in module.parameters()):
-                    module.to(dtype)
-                elif self.mode == "lora":
-                    module.to(dtype)
-                    cast_training_params(module, dtype=torch.float32)
+        low_precision_setup(self, [self.vae, self.text_encoder, self.unet], lora=self.mode == "lora")
         if self.class_names is None:
             self.class_names = getattr(getattr(self.trainer, "datamodule", None), "class_names", None)
 

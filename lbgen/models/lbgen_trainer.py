@@ -1,0 +1,292 @@
+"""lbGen fine-tuning: LoRA on the UNet, trained through the sampler with bi-level CLIP alignment and a quality loss."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from lbgen.components.clip import ClipScorer
+from lbgen.components.diffusion import GeneratorSource
+from lbgen.components.lora import UNET_TARGETS, add_lora, save_lora
+from lbgen.components.sampling import make_sampler, sample_latents
+from lbgen.losses.alignment import DatasetAlignmentLoss, InstanceAlignmentLoss
+from lbgen.losses.quality import QualityLoss
+from lbgen.models.text_to_image import class_caption, low_precision_setup
+
+
+def step_seed(base: int, step: int, rank: int) -> int:
+    """The noise seed of one training step on one process (a resumed run draws the same noise)."""
+    digest = hashlib.sha256(f"lbgen-step:{base}:{step}:{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+class LbGenTrainer(L.LightningModule):
+    """lbGen: make a generator's images follow the *language* space of the class names (a low-bias dataset).
+
+    Each step samples class names (from ``ClassNamesDataModule``), runs the sampler with guidance keeping gradients
+    only through the last ``grad_steps`` steps, decodes with the VAE, and scores with CLIP and a quality model.
+    Loss ``en_weight * L_en + in_weight * L_in + q_weight * L_q`` (every non-zero term reaches the LoRA gradient;
+    the official code back-propagates only L_en). L_en is adversarial: a discriminator on CLIP features, trained in
+    alternation (manual optimisation) after ``discriminator_warmup_steps`` steps of discriminator-only training.
+    A term with weight 0 is not built, and neither is a model only it needs (pass ``clip: null`` /
+    ``quality: null``).
+
+    ``trainer.max_steps`` counts optimizer steps, and both the generator and the discriminator step: set the length
+    with the DataModule's ``samples_per_epoch`` and ``trainer.max_epochs`` instead.
+
+    Args:
+        generator: the generator to fine-tune (SD 1.5 or the embedded one; a ``PretrainedGenerator``).
+        clip: the CLIP judge of L_in and L_en (real use: ViT-L-14 / openai).
+        quality: the no-reference quality loss L_q (real use: ``topiq_nr``).
+        en_weight: weight of L_en (dataset level, adversarial).
+        in_weight: weight of L_in (instance level, ``1 - cos`` to the image's own class text).
+        q_weight: weight of L_q.
+        prompt_template: generation prompt with ``{class}`` (lbGen: the class name alone).
+        clip_template: CLIP text of a class (``{class}``).
+        lora_rank: LoRA rank (authors: 128).
+        lora_alpha: LoRA alpha; default the rank.
+        unet_lora_targets: UNet modules with LoRA.
+        lora_init: peft ``init_lora_weights`` (``gaussian``: B = 0; ``false``: random, for tests).
+        sampler: ``ddim`` (deterministic) or ``ddpm`` (the authors').
+        num_inference_steps: sampler steps (authors: 50).
+        grad_steps: K, the last steps with gradients (authors: 5).
+        guidance_scale: classifier-free guidance (authors: 2.0).
+        gradient_checkpointing: recompute UNet and VAE activations of the graded steps in backward.
+        gradient_clip_val: max gradient norm of the LoRA (authors: 0.1); None: no clipping.
+        discriminator_hidden: width of the discriminator MLP.
+        discriminator_warmup_steps: steps that train only the discriminator first.
+        optimizer: LoRA optimizer (authors: AdamW 2e-5, constant).
+        discriminator_optimizer: discriminator optimizer (authors: lr 1e-5).
+        scheduler: optional LoRA learning-rate schedule, stepped every generator step.
+        seed: base of the per-step noise seeds.
+        output_dir: where the LoRA goes (``pytorch_lora_weights.safetensors``); default <run dir>/lora.
+        num_classes: linked from the data.
+        class_names: linked from the data.
+    """
+
+    def __init__(
+        self,
+        generator: GeneratorSource,
+        clip: ClipScorer | None = None,
+        quality: QualityLoss | None = None,
+        en_weight: float = 1.0,
+        in_weight: float = 1.0,
+        q_weight: float = 0.1,
+        prompt_template: str = "{class}",
+        clip_template: str = "a photo of a {class}",
+        lora_rank: int = 128,
+        lora_alpha: float | None = None,
+        unet_lora_targets: list[str] | None = None,
+        lora_init: bool | str = "gaussian",
+        sampler: Literal["ddim", "ddpm"] = "ddim",
+        num_inference_steps: int = 50,
+        grad_steps: int = 5,
+        guidance_scale: float = 2.0,
+        gradient_checkpointing: bool = False,
+        gradient_clip_val: float | None = 0.1,
+        discriminator_hidden: int = 256,
+        discriminator_warmup_steps: int = 0,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        discriminator_optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+        seed: int = 0,
+        output_dir: str | None = None,
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        weights = {"en": en_weight, "in": in_weight, "q": q_weight}
+        if any(w < 0 for w in weights.values()) or not any(weights.values()):
+            raise ValueError(f"Loss weights must be >= 0 with at least one positive, got {weights}.")
+        if not 1 <= grad_steps <= num_inference_steps:
+            raise ValueError(f"grad_steps must be in [1, num_inference_steps={num_inference_steps}], got "
+                             f"{grad_steps}.")
+        self.save_hyperparameters(ignore=["generator", "clip", "quality", "optimizer", "discriminator_optimizer",
+                                          "scheduler"])
+        self.weights = {name: w for name, w in weights.items() if w}
+        needs_clip = bool(en_weight or in_weight)
+        if needs_clip and clip is None:
+            raise ValueError(f"en_weight={en_weight} / in_weight={in_weight} need a CLIP model: set model.clip.")
+        if q_weight and quality is None:
+            raise ValueError(f"q_weight={q_weight} needs a quality model: set model.quality.")
+        for name, given, needed in (("clip", clip, needs_clip), ("quality", quality, bool(q_weight))):
+            if given is not None and not needed:
+                rank_zero_warn(f"model.{name} is given but its loss weights are 0: it is dropped (pass null).")
+        self.clip = clip.requires_grad_(False).eval() if needs_clip else None
+        self.quality = quality.requires_grad_(False).eval() if q_weight else None
+        self.instance_alignment = InstanceAlignmentLoss() if in_weight else None
+        self.dataset_alignment = DatasetAlignmentLoss(self.clip_dim(), discriminator_hidden) if en_weight else None
+
+        pipe = generator()
+        self.generator_source, self.pipeline = generator, pipe
+        self.unet, self.vae, self.text_encoder, self.tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+        self.vae.requires_grad_(False).eval()
+        self.text_encoder.requires_grad_(False).eval()
+        add_lora(self.unet, lora_rank, lora_alpha, unet_lora_targets or UNET_TARGETS, lora_init)
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.sampler = make_sampler(sampler, pipe.scheduler.config)
+        self.sampler_name, self.num_inference_steps, self.grad_steps = sampler, num_inference_steps, grad_steps
+        self.guidance_scale, self.gradient_checkpointing = guidance_scale, gradient_checkpointing
+        self.gradient_clip_val, self.warmup = gradient_clip_val, discriminator_warmup_steps
+        self.prompt_template, self.clip_template = prompt_template, clip_template
+        self.class_names, self.seed, self.output_dir = class_names, seed, output_dir
+        self.optimizer_factory, self.discriminator_factory = optimizer, discriminator_optimizer
+        self.scheduler_factory = scheduler
+        # generator steps taken (a buffer: checkpointed, so warm-up and noise seeds continue on resume)
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+        # checkpoints hold what trains (LoRA, discriminator) and the step; the frozen models come from their sources
+        self.strict_loading = False
+        self._check_trainable()
+        rank_zero_info(f"LbGenTrainer: terms {self.weights}, {self.num_trainable('unet'):,} LoRA parameters, "
+                       f"K={grad_steps} of {num_inference_steps} steps")
+
+    def clip_dim(self) -> int:
+        with torch.no_grad():
+            return int(self.clip.encode_texts(["a"]).shape[-1])
+
+    # --- what trains --------------------------------------------------------------------------------------------
+    def num_trainable(self, prefix: str = "") -> int:
+        return sum(p.numel() for n, p in self.named_parameters() if p.requires_grad and n.startswith(prefix))
+
+    def _check_trainable(self) -> None:
+        """Only the UNet's LoRA and the discriminator may train."""
+        names = [n for n, p in self.named_parameters() if p.requires_grad]
+        wrong = [n for n in names if not ((n.startswith("unet.") and "lora_" in n)
+                                          or n.startswith("dataset_alignment."))]
+        if wrong or not any(n.startswith("unet.") for n in names):
+            raise RuntimeError(f"Unexpected trainable parameters: {wrong[:5] or 'no LoRA'}.")
+
+    def setup(self, stage: str) -> None:
+        frozen_judges = [self.clip.model] if self.clip is not None else []
+        low_precision_setup(self, [self.vae, self.text_encoder, self.unet, *frozen_judges], lora=True)
+        if self.class_names is None:
+            self.class_names = getattr(getattr(self.trainer, "datamodule", None), "class_names", None)
+        if self.class_names is None:
+            raise ValueError("LbGenTrainer needs class names: use ClassNamesDataModule (linked by the CLI).")
+
+    def configure_optimizers(self) -> Any:
+        lora = [p for n, p in self.unet.named_parameters() if p.requires_grad]
+        optimizers = [self.optimizer_factory(lora)]
+        if self.dataset_alignment is not None:
+            optimizers.append(self.discriminator_factory(list(self.dataset_alignment.parameters())))
+        if self.scheduler_factory is None:
+            return optimizers
+        return optimizers, [{"scheduler": self.scheduler_factory(optimizers[0]), "interval": "step"}]
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        full = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        keep = {prefix + n for n, p in self.named_parameters() if p.requires_grad} | {prefix + "steps_done"}
+        return type(full)((k, v) for k, v in full.items() if k in keep)
+
+    # --- generation with gradients ------------------------------------------------------------------------------
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        with torch.no_grad():
+            return self.text_encoder(ids)[0]
+
+    def generate(self, labels: torch.Tensor, seed: int) -> torch.Tensor:
+        """Images in [0, 1] for class ``labels``; differentiable w.r.t. the LoRA through the last K steps."""
+        prompts = [class_caption(self.prompt_template, self.class_names[int(c)]) for c in labels]
+        cond = self.encode_prompts(prompts)
+        uncond = self.encode_prompts([""]).expand_as(cond) if self.guidance_scale > 1 else None
+        generator = torch.Generator().manual_seed(seed)
+        channels, size = self.unet.config.in_channels, self.unet.config.sample_size
+        latents = torch.randn(len(labels), channels, size, size, generator=generator).to(self.device)
+        latents = latents * self.sampler.init_noise_sigma
+        latents = sample_latents(self.unet, self.sampler, latents, cond, uncond, self.guidance_scale,
+                                 self.num_inference_steps, self.grad_steps, self.gradient_checkpointing, generator)
+        z = (latents / self.vae.config.scaling_factor).to(self.vae.dtype)
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            images = torch.utils.checkpoint.checkpoint(lambda v: self.vae.decode(v).sample, z, use_reentrant=False)
+        else:
+            images = self.vae.decode(z).sample
+        return ((images.float() + 1) / 2).clamp(0, 1)
+
+    def class_text_features(self) -> torch.Tensor:
+        return self.clip.encode_texts([class_caption(self.clip_template, c) for c in self.class_names])
+
+    def loss_terms(self, images: torch.Tensor, labels: torch.Tensor,
+                   image_features: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The generator's named loss terms (only those with a non-zero weight are computed)."""
+        builders = {
+            "en": lambda: self.dataset_alignment(image_features),
+            "in": lambda: self.instance_alignment(image_features, self.class_text_features(), labels),
+            "q": lambda: self.quality(images),
+        }
+        return {name: builders[name]() for name in self.weights}
+
+    # --- training -----------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        labels = batch["label"]
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        g_opt, d_opt = optimizers[0], (optimizers[1] if len(optimizers) > 1 else None)
+        step = int(self.steps_done)
+        train_generator = d_opt is None or step >= self.warmup
+        with torch.set_grad_enabled(train_generator):
+            images = self.generate(labels, step_seed(self.seed, step, self.global_rank))
+        features = self.clip.encode_images(images).float() if self.clip is not None else None
+
+        if d_opt is not None:  # the discriminator: class texts are "real", generated images "fake"
+            self.toggle_optimizer(d_opt)
+            d_loss = self.dataset_alignment.discriminator_loss(self.class_text_features()[labels], features)
+            d_opt.zero_grad()
+            self.manual_backward(d_loss)
+            d_opt.step()
+            self.untoggle_optimizer(d_opt)
+            self.log("train/discriminator", d_loss, prog_bar=True, batch_size=len(labels))
+
+        if train_generator:
+            self.toggle_optimizer(g_opt)
+            terms = self.loss_terms(images, labels, features)
+            loss = sum(self.weights[name] * term for name, term in terms.items())
+            bad = [name for name, term in terms.items() if not torch.isfinite(term)]
+            if bad:
+                raise FloatingPointError(f"lbGen loss term(s) {bad} not finite at step {step}; lower the learning "
+                                         "rate or gradient_clip_val. The last checkpoint is kept.")
+            g_opt.zero_grad()
+            self.manual_backward(loss)
+            if self.gradient_clip_val:
+                self.clip_gradients(g_opt, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+            g_opt.step()
+            self.untoggle_optimizer(g_opt)
+            if self.scheduler_factory is not None:
+                self.lr_schedulers().step()
+            for name, term in terms.items():
+                self.log(f"train/{name}", term, batch_size=len(labels))
+            self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
+        self.steps_done += 1
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Fixed prompts and seeds: CLIP zero-shot agreement with the prompted class, and each term's value."""
+        labels = batch["label"]
+        images = self.generate(labels, step_seed(self.seed + 1, int(batch["index"][0]), 0))
+        metrics = {}
+        if self.clip is not None:
+            features = self.clip.encode_images(images).float()
+            logits = features @ self.class_text_features().T
+            metrics["val/clip_acc"] = (logits.argmax(-1) == labels).float().mean()
+            metrics["val/in"] = (1 - (features * self.class_text_features()[labels]).sum(-1)).mean()
+        if self.quality is not None:
+            metrics["val/q"] = self.quality(images)
+        self.log_dict(metrics, batch_size=len(labels), sync_dist=True)
+
+    # --- saving -------------------------------------------------------------------------------------------------
+    def save(self, folder: str | Path) -> Path:
+        """LoRA weights that ``pipe.load_lora_weights`` (and lbgen's ``PretrainedGenerator(lora=...)``) open."""
+        return save_lora(folder, self.unet)
+
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero and (self.output_dir or self.trainer.log_dir):
+            path = self.save(Path(self.output_dir or Path(self.trainer.log_dir) / "lora"))
+            rank_zero_info(f"lbGen LoRA saved to {path}")

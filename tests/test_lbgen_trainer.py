@@ -1,0 +1,167 @@
+"""lbGen fine-tuning with tiny real models: gradients through sampling, every term reaches the LoRA, alternation,
+only LoRA and discriminator train, the saved LoRA loads in diffusers, resume continues exactly."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lbgen.components.clip import ClipScorer
+from lbgen.components.diffusion import PretrainedGenerator, load_generator
+from lbgen.components.lora import LORA_FILE
+from lbgen.components.sampling import make_sampler, sample_latents
+from lbgen.datamodules.class_names import BalancedLabels, ClassNamesDataModule, read_class_names
+from lbgen.losses import QualityLoss
+from lbgen.models.lbgen_trainer import LbGenTrainer
+
+from .test_alignment_components import TINY_CLIP
+
+CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat"]
+
+
+def make_trainer(generator_folder, weights=(1.0, 1.0, 0.1), **kwargs) -> LbGenTrainer:
+    torch.manual_seed(0)
+    en, inst, q = weights
+    clip = ClipScorer(model_config=TINY_CLIP, pretrained=None) if en or inst else None
+    quality = QualityLoss("cnniqa", metric_kwargs={"pretrained": None}) if q else None
+    defaults = dict(lora_rank=4, lora_init=False, num_inference_steps=4, grad_steps=2, guidance_scale=2.0,
+                    discriminator_hidden=16, class_names=CLASSES)
+    return LbGenTrainer(PretrainedGenerator(str(generator_folder)), clip=clip, quality=quality, en_weight=en,
+                        in_weight=inst, q_weight=q, **{**defaults, **kwargs})
+
+
+def lora_parameters(system: LbGenTrainer) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in system.unet.named_parameters() if p.requires_grad}
+
+
+def lora_gradient(system: LbGenTrainer, weights: dict[str, float]) -> torch.Tensor:
+    """The LoRA gradient of ``sum w * term`` for one fixed batch (same noise every call)."""
+    system.zero_grad()
+    labels = torch.tensor([0, 3])
+    images = system.generate(labels, seed=7)
+    terms = system.loss_terms(images, labels, system.clip.encode_images(images).float())
+    sum(weights[n] * terms[n] for n in weights).backward()
+    return torch.cat([p.grad.flatten() for p in lora_parameters(system).values()])
+
+
+def test_every_weighted_term_changes_the_lora_gradient(tiny_generator):
+    system = make_trainer(tiny_generator)
+    assert set(system.weights) == {"en", "in", "q"}
+    full = lora_gradient(system, system.weights)
+    assert full.abs().sum() > 0
+    for name in system.weights:
+        without = lora_gradient(system, {n: w for n, w in system.weights.items() if n != name})
+        alone = lora_gradient(system, {name: system.weights[name]})
+        assert alone.abs().sum() > 0, f"L_{name} does not reach the LoRA"
+        assert not torch.allclose(full, without), f"dropping L_{name} leaves the gradient unchanged"
+        torch.testing.assert_close(full, without + alone, rtol=1e-3, atol=1e-6)  # the total is the weighted sum
+
+
+def test_gradients_flow_only_through_the_last_k_steps(tiny_generator):
+    pipe = load_generator(str(tiny_generator))
+    unet = pipe.unet
+    calls = []
+    unet.register_forward_hook(lambda m, i, o: calls.append(torch.is_grad_enabled()))
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    hidden = torch.randn(2, 16, 16)
+    out = sample_latents(unet, make_sampler("ddim", pipe.scheduler.config), latents, hidden, hidden * 0, 2.0,
+                         num_steps=5, grad_steps=2)
+    assert calls == [False, False, False, True, True] and out.requires_grad
+    with pytest.raises(ValueError, match="grad_steps"):
+        sample_latents(unet, make_sampler("ddim", pipe.scheduler.config), latents, hidden, None, 1.0, 3, 4)
+    with pytest.raises(ValueError, match="sampler"):
+        make_sampler("euler", pipe.scheduler.config)
+
+
+def test_gradient_checkpointing_gives_the_same_gradient(tiny_generator):
+    plain = lora_gradient(make_trainer(tiny_generator), {"in": 1.0, "q": 0.1})
+    checkpointed = lora_gradient(make_trainer(tiny_generator, gradient_checkpointing=True), {"in": 1.0, "q": 0.1})
+    torch.testing.assert_close(plain, checkpointed, rtol=1e-4, atol=1e-7)
+
+
+def test_zero_weight_terms_and_their_models_are_not_built(tiny_generator):
+    system = make_trainer(tiny_generator, weights=(1.0, 0.0, 0.0))
+    assert set(system.weights) == {"en"} and system.quality is None and system.instance_alignment is None
+    system = make_trainer(tiny_generator, weights=(0.0, 0.0, 0.5))
+    assert system.clip is None and system.dataset_alignment is None
+    with pytest.raises(ValueError, match="CLIP"):
+        LbGenTrainer(PretrainedGenerator(str(tiny_generator)), clip=None, quality=None, en_weight=1, in_weight=0,
+                     q_weight=0, lora_rank=2, class_names=CLASSES)
+    with pytest.raises(ValueError, match="grad_steps"):
+        make_trainer(tiny_generator, grad_steps=5, num_inference_steps=4)
+
+
+def fit(system: LbGenTrainer, tmp_path, batches: int, max_steps: int = -1, ckpt_path=None, **trainer_kwargs):
+    data = ClassNamesDataModule(class_names=CLASSES, batch_size=2, samples_per_epoch=2 * batches, val_per_class=0)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, max_steps=max_steps, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        **{"enable_checkpointing": False, **trainer_kwargs})
+    trainer.fit(system, datamodule=data, ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_alternates_discriminator_and_generator_and_trains_only_lora_and_discriminator(tiny_generator, tmp_path):
+    system = make_trainer(tiny_generator, discriminator_warmup_steps=1, output_dir=str(tmp_path / "lora"))
+    before = {n: p.detach().clone() for n, p in system.named_parameters()}
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            seen.append({n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad})
+
+    trainer = fit(system, tmp_path, batches=3, callbacks=[Spy()])
+    assert trainer.global_step == 1 + 2 * 2  # warm-up: discriminator only; then discriminator + generator
+    lora_names = [n for n in seen[0] if n.startswith("unet.")]
+    disc_names = [n for n in seen[0] if n.startswith("dataset_alignment.")]
+    assert lora_names and disc_names
+    assert all(torch.equal(seen[0][n], before[n]) for n in lora_names)  # warm-up step left the LoRA alone
+    for previous, current in zip(seen, seen[1:], strict=False):
+        assert any(not torch.equal(previous[n], current[n]) for n in lora_names)
+        assert any(not torch.equal(previous[n], current[n]) for n in disc_names)
+    after = dict(system.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
+    assert changed and all(("lora_" in n and n.startswith("unet.")) or n.startswith("dataset_alignment.")
+                           for n in changed)
+    # the LoRA opens in diffusers through lbgen's generator source, and changes the images
+    assert (tmp_path / "lora" / LORA_FILE).is_file()
+    base = load_generator(str(tiny_generator))
+    tuned = PretrainedGenerator(str(tiny_generator), lora=str(tmp_path / "lora"))()
+    kwargs = dict(num_inference_steps=3, guidance_scale=2.0, output_type="pt")
+    a = base(["Coat"], generator=torch.Generator().manual_seed(0), **kwargs).images
+    b = tuned(["Coat"], generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert not torch.allclose(a, b)
+
+
+def test_resume_from_a_checkpoint_reaches_the_same_lora(tiny_generator, tmp_path):
+    straight = make_trainer(tiny_generator, discriminator_warmup_steps=1)
+    fit(straight, tmp_path / "a", batches=4)
+    first = make_trainer(tiny_generator, discriminator_warmup_steps=1)
+    # a checkpoint written during training, mid-epoch (after 2 of 4 batches = 3 optimizer steps), then a "crash"
+    every = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="mid", every_n_train_steps=3, save_top_k=-1)
+    fit(first, tmp_path / "b", batches=4, max_steps=3, callbacks=[every], enable_checkpointing=True)
+    ckpt = tmp_path / "ckpt" / "mid.ckpt"
+    saved = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert saved and all("lora_" in k or k.startswith("dataset_alignment.") or k == "steps_done" for k in saved)
+    resumed = make_trainer(tiny_generator, discriminator_warmup_steps=1)
+    fit(resumed, tmp_path / "b", batches=4, ckpt_path=ckpt)
+    assert int(resumed.steps_done) == int(straight.steps_done) == 4
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_class_names_data_are_balanced_seeded_and_checked(tmp_path):
+    labels = [int(BalancedLabels(5, 20, seed=3)[i]["label"]) for i in range(20)]
+    assert sorted(labels[:5]) == list(range(5)) and sorted(labels[5:10]) == list(range(5))
+    assert labels == [int(BalancedLabels(5, 20, seed=3)[i]["label"]) for i in range(20)]
+    assert labels != [int(BalancedLabels(5, 20, seed=4)[i]["label"]) for i in range(20)]
+    names = tmp_path / "classes.txt"
+    names.write_text("tench\ngoldfish\n\ngreat white shark\n")
+    assert read_class_names(None, str(names)) == ["tench", "goldfish", "great white shark"]
+    with pytest.raises(ValueError, match="Duplicate"):
+        read_class_names(["a", "b", "a"], None)
+    with pytest.raises(ValueError, match="exactly one"):
+        read_class_names(["a", "b"], str(names))
+    with pytest.raises(FileNotFoundError):
+        read_class_names(None, str(tmp_path / "missing.txt"))
