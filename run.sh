@@ -74,7 +74,7 @@ quickstart() {
   local repo; repo=$(pwd)
   local out="$RUN_DIR/quickstart"
   mkdir -p "$out"
-  log "quickstart: embedded generator on Fashion-MNIST, 4 generation methods, 5-shot classifiers (outputs in $out)"
+  log "quickstart: embedded generator on Fashion-MNIST, 5 generation methods incl. lbGen, 5-shot classifiers (outputs in $out)"
   # Recipes name their inputs and outputs relative to the working folder (runs/...), so stages chain there.
   cd "$out"
   stage runs/embedded/vae/config.json fit -c "$repo/configs/generator/fashion_vae.yaml" \
@@ -85,6 +85,16 @@ quickstart() {
   for m in $methods; do
     stage "runs/synthetic/$m/manifest.jsonl" predict -c "$repo/configs/generate/fashion_$m.yaml"
   done
+  # lbGen: the embedded CLIP and quality judges, the class-name-only LoRA fine-tune, then its dataset
+  stage runs/embedded/clip/open_clip_config.json fit -c "$repo/configs/foundation/fashion_clip.yaml" \
+    --trainer.default_root_dir runs/logs/clip
+  stage runs/embedded/quality/quality_config.json fit -c "$repo/configs/foundation/fashion_quality.yaml" \
+    --trainer.default_root_dir runs/logs/quality
+  stage runs/lbgen/fashion/lora/pytorch_lora_weights.safetensors fit -c "$repo/configs/lbgen/fashion.yaml" \
+    --trainer.default_root_dir runs/logs/lbgen
+  stage runs/synthetic/lbgen/manifest.jsonl predict -c "$repo/configs/generate/fashion_txt2img.yaml" \
+    -c "$repo/configs/generate/fashion_lbgen.yaml"
+  methods="$methods lbgen"
   stage runs/classifier/real_only/version_0/test_metrics.json fit -c "$repo/configs/classifier/fashion_5shot.yaml" \
     --trainer.default_root_dir runs/classifier/real_only
   local table=("5-shot real only=runs/classifier/real_only")

@@ -33,7 +33,11 @@ def _offline_and_sandboxed(tmp_path_factory: pytest.TempPathFactory):
         raise OSError(f"Tests must not use the network (tried to connect to {address}).")
 
     socket.socket.connect = guarded_connect
+    # runs without a default_root_dir write into the current folder (Lightning's default): keep the checkout clean
+    cwd = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
     yield
+    os.chdir(cwd)
     socket.socket.connect = original_connect
     for k, v in old.items():
         if v is None:

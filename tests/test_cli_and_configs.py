@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import yaml
 from lbgen.cli import cli_main
 
 from .conftest import REPO
+from .test_alignment_components import TINY_CLIP
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 
@@ -47,10 +49,22 @@ def shrink(node, paths: dict[str, Path]):
         args.update(images_per_class=2, batch_size=4, num_workers=0)
     elif name == "TimmBackbone":
         args["model_name"] = "test_resnet"
+        if args.get("checkpoint_path"):
+            args["checkpoint_path"] = str(paths["backbone"])
     elif name == "PretrainedGenerator":
         args["model"] = str(paths["generator"])
+        if args.get("lora"):
+            args["lora"] = str(paths["lora"])
     elif name == "NewGenerator":
         args.update(TINY_NEW_GENERATOR, vae=str(paths["generator"] / "vae"))
+    elif name == "ClipScorer":
+        args.update(model_name="tiny", pretrained=None, model_config=TINY_CLIP)
+    elif name == "QualityLoss":
+        args.update(checkpoint=None, metric_kwargs={"pretrained": None})
+    elif name == "ClassNamesDataModule":
+        args.update(batch_size=2, samples_per_epoch=4, val_per_class=1)
+    elif name == "LbGenTrainer":
+        args.update(lora_rank=2, num_inference_steps=2, grad_steps=1, discriminator_hidden=8)
     elif name == "AutoencoderTrainer":
         args.update(image_size=16, block_out_channels=[16, 32])
     if "output_dir" in args:
@@ -58,9 +72,25 @@ def shrink(node, paths: dict[str, Path]):
     return node
 
 
+def merge(base: dict, overlay: dict) -> dict:
+    """``overlay`` on ``base`` as LightningCLI merges two ``-c`` files (dicts recursively, the rest replaced)."""
+    out = dict(base)
+    for key, value in overlay.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_recipe(config_path: Path) -> dict:
+    """A recipe's tree; an overlay (``# lbgen-test: overlay-of <base>``) merged onto its base recipe."""
+    text = config_path.read_text()
+    config = yaml.safe_load(text)
+    match = re.search(r"lbgen-test: overlay-of (\S+)", text)
+    return merge(load_recipe(REPO / "configs" / match.group(1)), config) if match else config
+
+
 def run_recipe(config_path: Path, paths: dict[str, Path], *extra: str):
     """Run a recipe through `lbgen` with tiny stand-ins, as the CLI a user runs."""
-    config = shrink(yaml.safe_load(config_path.read_text()), paths)
+    config = shrink(load_recipe(config_path), paths)
     config.setdefault("trainer", {}).update(accelerator="cpu", devices=1, strategy="auto", precision="32-true",
                                             default_root_dir=str(paths["out"]))
     tiny = paths["out"] / config_path.name
@@ -73,7 +103,19 @@ def run_recipe(config_path: Path, paths: dict[str, Path], *extra: str):
 def recipe_paths(fmnist_fixture, tiny_generator, tmp_path_factory) -> dict[str, Path]:
     """Inputs the recipes read (data, a generator folder, a generated dataset), all tiny."""
     out = tmp_path_factory.mktemp("synthetic_fixture")
-    paths = {"fmnist": fmnist_fixture, "generator": tiny_generator, "out": out}
+    from lbgen.components import load_generator
+    from lbgen.components.lora import add_lora, save_lora
+
+    unet = load_generator(str(tiny_generator)).unet
+    add_lora(unet, 2, None, ["to_q", "to_v"], init=False)
+    save_lora(out / "lora", unet)
+    from safetensors.torch import save_file
+
+    from lbgen.components import TimmBackbone
+
+    save_file(TimmBackbone("test_resnet").state_dict(), out / "backbone.safetensors")
+    paths = {"fmnist": fmnist_fixture, "generator": tiny_generator, "out": out, "lora": out / "lora",
+             "backbone": out / "backbone.safetensors"}
     run_recipe(REPO / "configs/generate/fashion_txt2img.yaml", paths)
     paths["synthetic"] = out / "DiffusionGenerator"
     return paths
@@ -93,6 +135,13 @@ def test_config_parses_and_runs_fast_dev_run(config_path, recipe_paths, tmp_path
             cli_main([stage, "-c", str(config_path), "--print_config"])
         assert done.value.code == 0 and "class_path" in capsys.readouterr().out
         return
+    overlay = re.search(r"lbgen-test: overlay-of (\S+)", config_path.read_text())
+    if overlay:  # the real CLI merges the two files as load_recipe does
+        stage = "predict" if config_path.parent.name == "generate" else "fit"
+        with pytest.raises(SystemExit) as done:
+            cli_main([stage, "-c", str(REPO / "configs" / overlay.group(1)), "-c", str(config_path), "--print_config"])
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert done.value.code == 0 and printed["model"] == merge(printed["model"], load_recipe(config_path)["model"])
     cli = run_recipe(config_path, {**recipe_paths, "out": tmp_path}, "--trainer.fast_dev_run=true")
     assert cli.trainer.state.finished
     if getattr(cli.model, "num_classes", None) is not None:

@@ -2,8 +2,11 @@
 
 from lbgen.models.autoencoder import AutoencoderTrainer
 from lbgen.models.classifier import ImageClassifier
+from lbgen.models.clip_trainer import ClipTrainer
 from lbgen.models.generation import DiffusionGenerator
 from lbgen.models.lbgen_trainer import LbGenTrainer
+from lbgen.models.quality_trainer import QualityTrainer
 from lbgen.models.text_to_image import TextToImageTrainer
 
-__all__ = ["AutoencoderTrainer", "DiffusionGenerator", "ImageClassifier", "LbGenTrainer", "TextToImageTrainer"]
+__all__ = ["AutoencoderTrainer", "ClipTrainer", "DiffusionGenerator", "ImageClassifier", "LbGenTrainer",
+           "QualityTrainer", "TextToImageTrainer"]

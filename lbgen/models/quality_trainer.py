@@ -1,0 +1,154 @@
+"""Quality-model training system: a pyiqa no-reference architecture, from random weights, taught to rank clean real
+images above distorted ones. This is lbgen's offline stand-in for a pre-trained ``topiq_nr`` / ``musiq``: lbGen's
+L_q then loads it with ``QualityLoss(metric=..., checkpoint=FOLDER)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from safetensors.torch import save_file
+from torchmetrics.regression import SpearmanCorrCoef
+
+from lbgen.components.distortions import DISTORTIONS, distort_each
+from lbgen.losses.quality import QUALITY_CONFIG_FILE, QUALITY_WEIGHTS_FILE, QualityLoss
+from lbgen.models.classifier import unpack_batch
+from lbgen.models.optim import configure_optimizers
+
+
+def pairwise_ranking_loss(scores: torch.Tensor, levels: torch.Tensor, margin: float) -> torch.Tensor:
+    """Hinge loss over every pair with different distortion levels: the less distorted image must score higher
+    by ``margin``. Pairs across images are included, so scores are comparable between images, not only within."""
+    better = levels[:, None] < levels[None, :]  # [i, j]: image i is less distorted than image j
+    hinge = F.relu(margin - (scores[:, None] - scores[None, :]))
+    return hinge[better].mean()
+
+
+def batch_seed(base: int, stage: str, step: int, rank: int) -> int:
+    digest = hashlib.sha256(f"lbgen-quality:{base}:{stage}:{step}:{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+class QualityTrainer(L.LightningModule):
+    """Train the network of a pyiqa no-reference metric to rank images by how damaged they are.
+
+    Each training image is shown twice, each time with a random kind of distortion (blur, noise, JPEG, pixelation)
+    at a random level in ``0..num_levels`` (0: clean); the loss is a pairwise hinge over all pairs of the batch
+    with different levels. Validation and test report the Spearman correlation between the score and the
+    (negated) level over every held-out image at every level of every kind: 1 means a perfect ranking.
+
+    Args:
+        quality: the metric to train (``QualityLoss`` with random weights, e.g. ``cnniqa`` with
+            ``metric_kwargs: {pretrained: null}``); its network is unfrozen here.
+        distortions: the kinds of damage, from ``blur``, ``noise``, ``jpeg``, ``pixelate``.
+        num_levels: distortion levels above clean.
+        margin: hinge margin between scores of a better and a worse image.
+        seed: base of the per-step distortion draws (a resumed run draws the same).
+        optimizer: optimizer factory.
+        scheduler: learning-rate scheduler factory, stepped every step.
+        output_dir: where to save the model; default <run dir>/quality.
+        num_classes: linked from the data (unused: the model never sees labels).
+        class_names: linked from the data (unused).
+    """
+
+    def __init__(self, quality: QualityLoss, distortions: list[str] | None = None, num_levels: int = 4,
+                 margin: float = 0.1, seed: int = 0, optimizer: OptimizerCallable = torch.optim.AdamW,
+                 scheduler: LRSchedulerCallable | None = None, output_dir: str | None = None,
+                 num_classes: int | None = None, class_names: list[str] | None = None) -> None:
+        super().__init__()
+        self.distortions = tuple(distortions or DISTORTIONS)
+        unknown = [k for k in self.distortions if k not in DISTORTIONS]
+        if unknown or not self.distortions:
+            raise ValueError(f"Unknown distortions {unknown}; choose from {list(DISTORTIONS)}.")
+        if num_levels < 1:
+            raise ValueError(f"num_levels must be >= 1, got {num_levels}.")
+        if margin <= 0:
+            raise ValueError(f"margin must be > 0, got {margin}.")
+        self.save_hyperparameters(ignore=["quality", "optimizer", "scheduler", "num_classes", "class_names"])
+        self.quality = quality
+        self.quality.net.requires_grad_(True)
+        self.num_levels, self.margin, self.seed, self.output_dir = num_levels, margin, seed, output_dir
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.val_spearman = torch.nn.ModuleDict({k: SpearmanCorrCoef() for k in (*self.distortions, "all")})
+        self.test_spearman = torch.nn.ModuleDict({k: SpearmanCorrCoef() for k in (*self.distortions, "all")})
+
+    def score(self, images: torch.Tensor) -> torch.Tensor:
+        """Per-image score, higher = better quality whatever the metric's direction."""
+        score = self.quality.score(images)
+        return -score if self.quality.lower_better else score
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images, _, _ = unpack_batch(batch)
+        generator = torch.Generator().manual_seed(batch_seed(self.seed, "train", self.global_step, self.global_rank))
+        n = len(images)
+        both = torch.cat([images, images])
+        kinds = torch.randint(len(self.distortions), (2 * n,), generator=generator)
+        levels = torch.randint(self.num_levels + 1, (2 * n,), generator=generator)
+        damaged = distort_each(both, kinds, levels, self.distortions, self.num_levels, generator)
+        loss = pairwise_ranking_loss(self.score(damaged), levels.to(self.device), self.margin)
+        self.log("train/ranking", loss, prog_bar=True, batch_size=n)
+        return loss
+
+    def _evaluate(self, batch: Any, batch_idx: int, metrics: torch.nn.ModuleDict, stage: str) -> None:
+        """Every image at every level of every kind (fixed draws), scored; Spearman of score vs. clean-ness."""
+        images, _, _ = unpack_batch(batch)
+        generator = torch.Generator().manual_seed(batch_seed(self.seed, stage, batch_idx, 0))
+        n = len(images)
+        for kind_id, kind in enumerate(self.distortions):
+            levels = torch.arange(self.num_levels + 1).repeat_interleave(n)
+            damaged = distort_each(images.repeat(self.num_levels + 1, 1, 1, 1), torch.full_like(levels, kind_id),
+                                   levels, self.distortions, self.num_levels, generator)
+            scores, target = self.score(damaged), -levels.float().to(self.device)
+            metrics[kind].update(scores, target)
+            metrics["all"].update(scores, target)
+
+    def _log_spearman(self, metrics: torch.nn.ModuleDict, stage: str) -> None:
+        for kind, metric in metrics.items():
+            self.log(f"{stage}/spearman" + ("" if kind == "all" else f"_{kind}"), metric.compute(),
+                     prog_bar=kind == "all")
+            metric.reset()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, self.val_spearman, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_spearman(self.val_spearman, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, self.test_spearman, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_spearman(self.test_spearman, "test")
+
+    def configure_optimizers(self) -> Any:
+        return configure_optimizers(self.quality.net.parameters(), self.optimizer_factory, self.scheduler_factory,
+                                    self.trainer)
+
+    def save(self, folder: str | Path) -> Path:
+        """A folder ``QualityLoss(metric=..., checkpoint=folder)`` loads: the config and the network's weights."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        q = self.quality
+        kwargs = {k: v for k, v in (q.metric_kwargs or {}).items() if k != "pretrained_model_path"}
+        config = {"metric": q.metric_name, "metric_kwargs": kwargs, "input_size": q.input_size,
+                  "lower_better": q.lower_better, "distortions": list(self.distortions),
+                  "num_levels": self.num_levels}
+        state = {k: v.detach().cpu().contiguous() for k, v in q.net.state_dict().items()}
+        save_file(state, str(folder / (QUALITY_WEIGHTS_FILE + ".tmp")))
+        (folder / (QUALITY_WEIGHTS_FILE + ".tmp")).replace(folder / QUALITY_WEIGHTS_FILE)
+        (folder / QUALITY_CONFIG_FILE).write_text(json.dumps(config, indent=1))
+        return folder
+
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero and (self.output_dir or self.trainer.log_dir):
+            folder = self.save(Path(self.output_dir or Path(self.trainer.log_dir) / "quality"))
+            rank_zero_info(f"Quality model saved to {folder}; load it with QualityLoss(metric="
+                           f"'{self.quality.metric_name}', checkpoint='{folder}')")

@@ -1,0 +1,127 @@
+"""ClipTrainer: contrastive training on class captions, zero-shot evaluation, and the saved local-dir folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from open_clip.loss import ClipLoss
+
+from lbgen.components.clip import ClipScorer
+from lbgen.datamodules import FashionMNISTDataModule
+from lbgen.datamodules.fashion_mnist import CLASS_NAMES
+from lbgen.models import ClipTrainer
+from lbgen.models.clip_trainer import CONFIG_FILE, WEIGHTS_FILE, label_contrastive_loss
+
+TINY_MODEL = {"embed_dim": 32,
+              "vision_cfg": {"image_size": 16, "patch_size": 4, "width": 64, "head_width": 32, "layers": 2},
+              "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+def make_model(**kwargs) -> ClipTrainer:
+    torch.manual_seed(0)
+    return ClipTrainer(model_config=TINY_MODEL, class_names=CLASS_NAMES, num_classes=len(CLASS_NAMES), **kwargs)
+
+
+def make_data(root: Path) -> FashionMNISTDataModule:
+    return FashionMNISTDataModule(root=str(root), image_size=16, val_per_class=3, augmentation="none", batch_size=50,
+                                  eval_batch_size=100)
+
+
+def fit(model: ClipTrainer, data: FashionMNISTDataModule, steps: int) -> L.Trainer:
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        check_val_every_n_epoch=1000)
+    trainer.fit(model, datamodule=data)
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def trained(fmnist_fixture, tmp_path_factory) -> dict:
+    """A tiny CLIP before and after training on the learnable fixture, saved to a local-dir folder."""
+    L.seed_everything(0)
+    data = make_data(fmnist_fixture)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    model = make_model(output_dir=str(tmp_path_factory.mktemp("clip") / "clip"),
+                       optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    before = trainer.test(model, datamodule=data, verbose=False)[0]["test/zero_shot_acc"]
+    torch.manual_seed(0)
+    loss_before = sum(model.loss_terms(batch["image"], batch["label"]).values()).item()
+    trainer = fit(model, data, steps=120)
+    after = trainer.test(model, datamodule=data, verbose=False)[0]["test/zero_shot_acc"]
+    torch.manual_seed(0)
+    loss_after = sum(model.loss_terms(batch["image"], batch["label"]).values()).item()
+    return {"model": model.eval(), "folder": Path(model.output_dir), "acc": (before, after),
+            "loss": (loss_before, loss_after)}
+
+
+def test_training_lowers_the_loss_and_learns_zero_shot(trained):
+    before, after = trained["acc"]
+    assert trained["loss"][1] < trained["loss"][0] - 0.5
+    assert after >= 0.6 > before + 0.3  # 10 classes: chance is 0.1
+
+
+def test_saved_folder_loads_through_clip_scorer_with_identical_features(trained):
+    model, folder = trained["model"], trained["folder"]
+    assert (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
+    scorer = ClipScorer(model_name=f"local-dir:{folder}", pretrained=None)
+    images = torch.rand(4, 3, 28, 28)  # not the model's size: both resize the same way
+    texts = [f"a photo of a {name}." for name in CLASS_NAMES]
+    with torch.no_grad():
+        torch.testing.assert_close(scorer.encode_images(images), model.clip.encode_images(images))
+        torch.testing.assert_close(scorer.encode_texts(texts),
+                                   model.clip.model.encode_text(model.clip.tokenizer(texts), normalize=True))
+    torch.testing.assert_close(scorer.mean, model.clip.mean)
+    torch.testing.assert_close(scorer.std, model.clip.std)
+    assert scorer.model.visual.preprocess_cfg["mean"] == list(model.hparams.image_mean)
+    assert scorer.tokenizer.context_length == TINY_MODEL["text_cfg"]["context_length"]
+    # a fresh model differs, so the equality above means the weights were really loaded
+    fresh = ClipScorer(model_config=TINY_MODEL, pretrained=None)
+    assert not torch.allclose(fresh.model.visual.conv1.weight, scorer.model.visual.conv1.weight)
+
+
+@pytest.mark.parametrize("term", ["image_to_text", "text_to_image"])
+def test_every_weighted_term_reaches_every_trainable_parameter(term):
+    model = make_model()
+    images, labels = torch.rand(12, 3, 16, 16), torch.arange(12) % 4
+    terms = model.loss_terms(images, labels)
+    assert set(terms) == {"image_to_text", "text_to_image"}
+    terms[term].backward()
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert "clip.model.token_embedding.weight" not in trainable  # frozen by default (see the docstring)
+    assert sum(p.numel() for p in trainable.values()) == sum(
+        p.numel() for n, p in model.clip.model.named_parameters() if n != "token_embedding.weight")
+    missing = [name for name, p in trainable.items() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"{term} does not reach {missing}"
+
+
+def test_zero_weight_drops_the_term():
+    model = make_model(text_to_image_weight=0.0)
+    assert set(model.loss_terms(torch.rand(4, 3, 16, 16), torch.arange(4))) == {"image_to_text"}
+    with pytest.raises(ValueError, match="loss weights"):
+        make_model(image_to_text_weight=0.0, text_to_image_weight=0.0)
+
+
+def test_label_contrastive_loss_is_clip_loss_when_labels_are_distinct():
+    torch.manual_seed(0)
+    image, text = (torch.nn.functional.normalize(torch.randn(6, 8), dim=-1) for _ in range(2))
+    scale = torch.tensor(10.0)
+    image_to_text, text_to_image = label_contrastive_loss(scale * image @ text.t(), torch.arange(6))
+    torch.testing.assert_close((image_to_text + text_to_image) / 2, ClipLoss()(image, text, scale))
+    # same-class captions are all positives: with perfect features the loss is the entropy of the targets, log(2)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    features = torch.nn.functional.one_hot(labels).float()
+    for loss in label_contrastive_loss(100 * features @ features.t(), labels):
+        torch.testing.assert_close(loss, torch.tensor(2.0).log())
+
+def test_bad_arguments_are_reported():
+    with pytest.raises(ValueError, match="class_names"):
+        ClipTrainer(model_config=TINY_MODEL)
+    with pytest.raises(ValueError, match="num_classes=3"):
+        ClipTrainer(model_config=TINY_MODEL, class_names=CLASS_NAMES, num_classes=3)
+    with pytest.raises(ValueError, match="template"):
+        ClipTrainer(model_config=TINY_MODEL, class_names=CLASS_NAMES, templates=["a photo."])
