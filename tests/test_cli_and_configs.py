@@ -35,7 +35,7 @@ def shrink(node, paths: dict[str, Path]):
     if args is None:
         return node
     name = cls.rsplit(".", 1)[-1]
-    if name == "FashionMNISTDataModule":
+    if name in ("FashionMNISTDataModule", "ContextualFashionMNISTDataModule"):
         args.update(root=str(paths["fmnist"]), image_size=16, num_workers=0, batch_size=8)
         args.update({k: v for k, v in {"val_per_class": 2, "max_per_class": 20, "eval_batch_size": 16,
                                         "samples_per_epoch": 16}.items() if k in args})

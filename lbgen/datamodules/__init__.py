@@ -2,6 +2,7 @@
 
 from lbgen.datamodules.base import REAL, SYNTHETIC, ClassificationDataset, ImageClassificationDataModule
 from lbgen.datamodules.class_names import ClassNamesDataModule
+from lbgen.datamodules.contextual import ContextualFashionMNISTDataModule
 from lbgen.datamodules.fashion_mnist import CLASS_NAMES as FASHION_MNIST_CLASSES
 from lbgen.datamodules.fashion_mnist import FashionMNISTDataModule
 from lbgen.datamodules.image_folder import BadImageError, ImageFolderDataModule
@@ -10,7 +11,7 @@ from lbgen.datamodules.splits import Split, long_tail_counts, make_split
 from lbgen.datamodules.synthetic import MixedDataModule, SyntheticDataModule, read_manifest
 
 __all__ = ["REAL", "SYNTHETIC", "FASHION_MNIST_CLASSES", "BadImageError", "ClassNamesDataModule",
-           "ClassificationDataset",
+           "ClassificationDataset", "ContextualFashionMNISTDataModule",
            "FashionMNISTDataModule", "GenerationRequestsDataModule", "ImageClassificationDataModule",
            "ImageFolderDataModule", "MixedDataModule", "Split", "SyntheticDataModule", "long_tail_counts",
            "make_split", "read_manifest", "request_seed"]
