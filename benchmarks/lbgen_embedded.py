@@ -81,6 +81,11 @@ def oracle_consistency(oracle: Path | None, run_dir: Path, folder: str) -> float
     return label_consistency(model, run_dir / folder, image_size=32)["overall"]
 
 
+def oracle_metrics(checkpoint: Path) -> dict:
+    metrics = checkpoint.parent.parent / "test_metrics.json"
+    return json.loads(metrics.read_text()) if metrics.is_file() else {}
+
+
 def classifiers(run_dir: Path, name: str, folder: str, seeds: list[int]) -> None:
     for seed in seeds:
         lbgen(run_dir, "fit", "-c", str(CONFIGS / "classifier/fashion_5shot_plus_synthetic.yaml"),
@@ -88,6 +93,18 @@ def classifiers(run_dir: Path, name: str, folder: str, seeds: list[int]) -> None
               f"--data.init_args.real.init_args.split_seed={seed}",
               f"--trainer.default_root_dir=runs/bench/classifier/{name}/seed{seed}",
               marker=Path(f"runs/bench/classifier/{name}/seed{seed}/version_0/test_metrics.json"))
+
+
+REAL_BACKBONE = "runs/bench/backbones/real.safetensors"
+
+
+def real_pool_classifier(run: Path, steps: int) -> Path:
+    """resnet10t trained on the real pool (fashion_full.yaml, ``steps`` steps): the oracle of label consistency and
+    the "pre-trained on real data" backbone of the transfer table. Returns its checkpoint."""
+    lbgen(run, "fit", "-c", str(CONFIGS / "classifier/fashion_full.yaml"), f"--trainer.max_steps={steps}",
+          f"--model.init_args.backbone_output={REAL_BACKBONE}", "--trainer.default_root_dir=runs/bench/pretrain/real",
+          marker=Path(REAL_BACKBONE))
+    return sorted((run / "runs/bench/pretrain/real").glob("version_*/checkpoints/*.ckpt"))[-1]
 
 
 def ablations(args: argparse.Namespace) -> list[dict]:
@@ -122,14 +139,11 @@ def transfer(args: argparse.Namespace) -> list[dict]:
           str(CONFIGS / "generate/fashion_lbgen.yaml"), f"--model.init_args.generator.init_args.lora={lora}",
           f"--model.init_args.output_dir={folder}", f"--data.init_args.images_per_class={args.pretrain_per_class}",
           marker=Path(folder) / "manifest.jsonl")
-    lbgen_backbone, real_backbone = "runs/bench/backbones/lbgen.safetensors", "runs/bench/backbones/real.safetensors"
+    lbgen_backbone, real_backbone = "runs/bench/backbones/lbgen.safetensors", REAL_BACKBONE
     lbgen(run, "fit", "-c", str(CONFIGS / "classifier/fashion_5shot_plus_synthetic.yaml"), "-c",
           str(CONFIGS / "classifier/lbgen_pretrain.yaml"), f"--data.init_args.synthetic.init_args.folder={folder}",
           f"--model.init_args.backbone_output={lbgen_backbone}", "--trainer.default_root_dir=runs/bench/pretrain/lbgen",
           marker=Path(lbgen_backbone))
-    lbgen(run, "fit", "-c", str(CONFIGS / "classifier/fashion_full.yaml"), "--trainer.max_steps=600",
-          f"--model.init_args.backbone_output={real_backbone}", "--trainer.default_root_dir=runs/bench/pretrain/real",
-          marker=Path(real_backbone))
     settings = {"scratch": [], "lbgen_linear": ["-c", str(CONFIGS / "classifier/fashion_transfer_5shot.yaml"),
                                                 f"--model.init_args.backbone.init_args.checkpoint_path={lbgen_backbone}"],
                 "real_linear": ["-c", str(CONFIGS / "classifier/fashion_transfer_5shot.yaml"),
@@ -155,6 +169,7 @@ def main() -> None:
     parser.add_argument("--ablations", nargs="+", default=["none", "full", "en_only", "in_only", "en_in"])
     parser.add_argument("--oracle", type=Path)
     parser.add_argument("--pretrain-per-class", type=int, default=300)
+    parser.add_argument("--real-steps", type=int, default=600, help="steps of the real-pool classifier")
     parser.add_argument("--skip-transfer", action="store_true")
     args = parser.parse_args()
     args.run_dir = args.run_dir.expanduser().resolve()
@@ -163,6 +178,10 @@ def main() -> None:
                            ("runs/embedded/clip/open_clip_config.json", "foundation/fashion_clip.yaml"),
                            ("runs/embedded/quality/quality_config.json", "foundation/fashion_quality.yaml")):
         lbgen(args.run_dir, "fit", "-c", str(CONFIGS / config), "--test_after_fit=no", marker=Path(marker))
+    oracle = real_pool_classifier(args.run_dir, args.real_steps)
+    if args.oracle is None:
+        args.oracle = oracle
+    print(f"oracle: {args.oracle} (test top-1 {oracle_metrics(args.oracle).get('acc')})")
     rows = ablations(args)
     print("\n| lbGen loss terms | LoRA fit s | CLIP agreement % | oracle label consistency % | 5-shot + 100/class "
           "top-1 % (mean ± std (runs)) |")

@@ -94,3 +94,18 @@ def test_bad_arguments_are_reported(tmp_path):
         make_system(tmp_path, num_levels=0)
     with pytest.raises(ValueError, match="Unknown pyiqa metric"):
         QualityLoss("not-a-metric")
+
+
+def test_spearman_matches_scipy_on_large_tied_samples():
+    from scipy.stats import spearmanr
+
+    from lbgen.models.quality_trainer import Spearman
+
+    torch.manual_seed(0)
+    levels = torch.randint(5, (200_000,)).float()  # the size of this system's test set, 5 tied target values
+    scores = -levels + 0.5 * torch.randn(len(levels))
+    metric = Spearman()
+    for s, t in zip(scores.split(30_000), levels.split(30_000), strict=True):
+        metric.update(s, -t)
+    expected = spearmanr(scores.numpy(), -levels.numpy()).statistic
+    assert metric.compute().item() == pytest.approx(expected, abs=1e-6) and expected > 0.9
