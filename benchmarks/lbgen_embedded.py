@@ -40,8 +40,8 @@ def lbgen(run_dir: Path, *args: str, marker: Path | None = None) -> float:
 
 
 def accuracy(run_dir: Path, root: str) -> list[float]:
-    return [100 * json.loads(p.read_text())["acc"] for p in sorted((run_dir / root).glob("version_*/"
-                                                                                          "test_metrics.json"))]
+    """Top-1 % of every tested run under ``root`` (one folder per seed)."""
+    return [100 * json.loads(p.read_text())["acc"] for p in sorted((run_dir / root).rglob("test_metrics.json"))]
 
 
 def mean_std(values: list[float]) -> str:
