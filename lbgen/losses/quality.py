@@ -91,7 +91,7 @@ class QualityLoss(nn.Module):
 
     def score(self, images: torch.Tensor) -> torch.Tensor:
         """Per-image quality ``[N]`` in the metric's own direction (higher is better unless ``lower_better``)."""
-        return self.net(self.resize(images.clamp(0, 1))).float().reshape(len(images), -1).mean(1)
+        return self.net(self.resize(images).clamp(0, 1)).float().reshape(len(images), -1).mean(1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Loss for images in [0, 1]: the mean score if lower is better, else its negative."""

@@ -113,6 +113,7 @@ class QualityTrainer(L.LightningModule):
             raise ValueError(f"margin must be > 0, got {margin}.")
         self.save_hyperparameters(ignore=["quality", "optimizer", "scheduler", "num_classes", "class_names"])
         self.quality = quality
+        # trained in pyiqa's inference mode (eval: dropout off), the mode lbGen later scores in
         self.quality.net.requires_grad_(True)
         self.num_levels, self.margin, self.seed, self.output_dir = num_levels, margin, seed, output_dir
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
