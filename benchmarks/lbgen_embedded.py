@@ -71,9 +71,7 @@ def clip_agreement(run_dir: Path, folder: str) -> float:
     return float((predicted == labels).float().mean())
 
 
-def oracle_consistency(oracle: Path | None, run_dir: Path, folder: str) -> float | None:
-    if oracle is None:
-        return None
+def oracle_consistency(oracle: Path, run_dir: Path, folder: str) -> float:
     from lbgen.evaluation.label_consistency import label_consistency
     from lbgen.models import ImageClassifier
 
@@ -187,8 +185,8 @@ def main() -> None:
           "top-1 % (mean ± std (runs)) |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:
-        oracle = "-" if r["oracle_consistency"] is None else f"{100 * r['oracle_consistency']:.1f}"
-        print(f"| {r['ablation']} | {r['lora_fit_s']:.0f} | {100 * r['clip_agreement']:.1f} | {oracle} | "
+        print(f"| {r['ablation']} | {r['lora_fit_s']:.0f} | {100 * r['clip_agreement']:.1f} | "
+              f"{100 * r['oracle_consistency']:.1f} | "
               f"{mean_std(r['acc'])} |")
     result = {"ablations": rows}
     if not args.skip_transfer:
