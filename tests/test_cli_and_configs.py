@@ -47,6 +47,8 @@ def shrink(node, paths: dict[str, Path]):
         args["samples_per_epoch"] = 16
     elif name == "GenerationRequestsDataModule":
         args.update(images_per_class=2, batch_size=4, num_workers=0)
+        if args.get("attribute_bank"):
+            args["attribute_bank"] = str(paths["bank"])
     elif name == "TimmBackbone":
         args["model_name"] = "test_resnet"
         if args.get("checkpoint_path"):
@@ -61,6 +63,10 @@ def shrink(node, paths: dict[str, Path]):
         args.update(model_name="tiny", pretrained=None, model_config=TINY_CLIP)
     elif name == "QualityLoss":
         args.update(checkpoint=None, metric_kwargs={"pretrained": None})
+    elif name == "AttributeCaptionedDataModule" and args.get("attribute_bank"):
+        args["attribute_bank"] = str(paths["bank"])
+    elif name == "AttributeExtractionSystem":
+        args["output"] = str(paths["out"] / "attributes.json")
     elif name == "ClassNamesDataModule":
         args.update(batch_size=2, samples_per_epoch=4, val_per_class=1)
     elif name == "LbGenTrainer":
@@ -95,8 +101,12 @@ def run_recipe(config_path: Path, paths: dict[str, Path], *extra: str):
                                             default_root_dir=str(paths["out"]))
     tiny = paths["out"] / config_path.name
     tiny.write_text(yaml.safe_dump(config))
-    stage = "predict" if config_path.parent.name == "generate" else "fit"
-    return cli_main([stage, "-c", str(tiny), *extra])
+    return cli_main([stage_of(config_path), "-c", str(tiny), *extra])
+
+
+def stage_of(config_path: Path) -> str:
+    """``predict`` for generation and attribute extraction recipes (they set return_predictions), else ``fit``."""
+    return "predict" if "return_predictions" in load_recipe(config_path) else "fit"
 
 
 @pytest.fixture(scope="session")
@@ -118,6 +128,8 @@ def recipe_paths(fmnist_fixture, tiny_generator, tmp_path_factory) -> dict[str, 
              "backbone": out / "backbone.safetensors"}
     run_recipe(REPO / "configs/generate/fashion_txt2img.yaml", paths)
     paths["synthetic"] = out / "DiffusionGenerator"
+    run_recipe(REPO / "configs/bob/attributes.yaml", paths)  # the BOB recipes read this bank
+    paths["bank"] = out / "attributes.json"
     return paths
 
 
@@ -129,15 +141,14 @@ def test_every_config_is_covered():
 @pytest.mark.slow
 @pytest.mark.parametrize("config_path", CONFIGS, ids=lambda p: p.relative_to(REPO / "configs").as_posix())
 def test_config_parses_and_runs_fast_dev_run(config_path, recipe_paths, tmp_path, capsys):
+    stage = stage_of(config_path)
     if "lbgen-test: parse-only" in config_path.read_text():  # real-scale recipe: its weights cannot load here
-        stage = "predict" if config_path.parent.name == "generate" else "fit"
         with pytest.raises(SystemExit) as done:
             cli_main([stage, "-c", str(config_path), "--print_config"])
         assert done.value.code == 0 and "class_path" in capsys.readouterr().out
         return
     overlay = re.search(r"lbgen-test: overlay-of (\S+)", config_path.read_text())
     if overlay:  # the real CLI merges the two files as load_recipe does
-        stage = "predict" if config_path.parent.name == "generate" else "fit"
         with pytest.raises(SystemExit) as done:
             cli_main([stage, "-c", str(REPO / "configs" / overlay.group(1)), "-c", str(config_path), "--print_config"])
         printed = yaml.safe_load(capsys.readouterr().out)

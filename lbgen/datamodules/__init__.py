@@ -1,6 +1,7 @@
 """Real-data DataModules: built-in datasets, ImageFolder, seeded k-shot / long-tail splits."""
 
 from lbgen.datamodules.base import REAL, SYNTHETIC, ClassificationDataset, ImageClassificationDataModule
+from lbgen.datamodules.captioned import AttributeCaptionedDataModule
 from lbgen.datamodules.class_names import ClassNamesDataModule
 from lbgen.datamodules.contextual import ContextualFashionMNISTDataModule
 from lbgen.datamodules.fashion_mnist import CLASS_NAMES as FASHION_MNIST_CLASSES
@@ -10,8 +11,8 @@ from lbgen.datamodules.requests import GenerationRequestsDataModule, request_see
 from lbgen.datamodules.splits import Split, long_tail_counts, make_split
 from lbgen.datamodules.synthetic import MixedDataModule, SyntheticDataModule, read_manifest
 
-__all__ = ["REAL", "SYNTHETIC", "FASHION_MNIST_CLASSES", "BadImageError", "ClassNamesDataModule",
-           "ClassificationDataset", "ContextualFashionMNISTDataModule",
+__all__ = ["REAL", "SYNTHETIC", "FASHION_MNIST_CLASSES", "AttributeCaptionedDataModule", "BadImageError",
+           "ClassNamesDataModule", "ClassificationDataset", "ContextualFashionMNISTDataModule",
            "FashionMNISTDataModule", "GenerationRequestsDataModule", "ImageClassificationDataModule",
            "ImageFolderDataModule", "MixedDataModule", "Split", "SyntheticDataModule", "long_tail_counts",
            "make_split", "read_manifest", "request_seed"]

@@ -6,7 +6,7 @@ import json
 import os
 from abc import abstractmethod
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import lightning as L
 import numpy as np
@@ -94,6 +94,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
         samples_per_epoch: draw this many training samples per epoch (repeating the set), so that tiny k-shot
             sets do not turn every step into an epoch with its validation pass.
         num_workers: DataLoader worker processes.
+        predict_split: what ``lbgen predict`` reads: the ``test`` set (classifier predictions) or the ``train`` /
+            ``val`` split (e.g. BOB's attribute extraction from the real training images).
     """
 
     def __init__(
@@ -112,8 +114,11 @@ class ImageClassificationDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         samples_per_epoch: int | None = None,
         num_workers: int = 0,
+        predict_split: Literal["test", "train", "val"] = "test",
     ) -> None:
         super().__init__()
+        if predict_split not in ("test", "train", "val"):
+            raise ValueError(f"predict_split must be 'test', 'train' or 'val', got {predict_split!r}.")
         if image_size < 8:
             raise ValueError(f"image_size must be at least 8 pixels, got {image_size}.")
         if batch_size <= 0:
@@ -124,10 +129,11 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.augmentation, self.batch_mix, self.mix_alpha = augmentation, batch_mix, mix_alpha
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or 4 * batch_size
         self.samples_per_epoch, self.num_workers = samples_per_epoch, num_workers
+        self.predict_split = predict_split
         augmentation_preset(augmentation, image_size)  # fail at construction on a bad preset name
         self._pool: tuple[ImageSource, np.ndarray] | None = None
         self._split: Split | None = None
-        self.train_dataset = self.val_dataset = self.test_dataset = None
+        self.train_dataset = self.val_dataset = self.test_dataset = self.predict_dataset = None
 
     # --- what a concrete dataset provides -------------------------------------------------------------------
     @property
@@ -215,7 +221,10 @@ class ImageClassificationDataModule(L.LightningDataModule):
         if stage == "fit" and self.train_dataset is None:
             self.train_dataset = ClassificationDataset(
                 images, split.train, labels, augmentation_preset(self.augmentation, self.image_size))
-        if stage in ("test", "predict") and self.test_dataset is None:
+        if stage == "predict" and self.predict_split != "test" and self.predict_dataset is None:
+            self.predict_dataset = ClassificationDataset(images, getattr(split, self.predict_split), labels,
+                                                         eval_transform())
+        if (stage == "test" or (stage == "predict" and self.predict_split == "test")) and self.test_dataset is None:
             test_images, test_labels = self.load_test()
             self.test_dataset = ClassificationDataset(test_images, np.arange(len(test_labels)), test_labels,
                                                       eval_transform())
@@ -245,4 +254,9 @@ class ImageClassificationDataModule(L.LightningDataModule):
         return self._loader(self.test_dataset, train=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, train=False)
+        dataset = self.test_dataset if self.predict_split == "test" else self.predict_dataset
+        return self._loader(dataset, train=False)
+
+    def predict_source(self) -> ImageSource:
+        """The image source ``predict`` batches index into (their ``index`` is a position in it)."""
+        return self.pool[0] if self.predict_split != "test" else self.test_dataset.images

@@ -34,6 +34,13 @@ OFFLINE_BACKGROUNDS = {
     "immunohistochemistry": "ihc.png", "moon": "moon.png", "page": "page.png", "rocket": "rocket.jpg",
     "text": "text.png",
 }
+BACKGROUND_PHRASES = {
+    "astronaut": "astronaut portrait", "brick": "brick wall", "camera": "photographer on a lawn", "cell": "cell",
+    "chelsea": "cat fur", "clock": "clock", "coffee": "coffee cup", "coins": "old coins", "grass": "green grass",
+    "gravel": "gravel", "hubble_deep_field": "starry night sky", "immunohistochemistry": "stained tissue",
+    "moon": "moon surface", "page": "printed page", "rocket": "rocket launch", "text": "handwritten text",
+}
+"""How a person would name each photograph in a caption (BOB's attribute words for the contextual benchmark)."""
 DEFAULT_BACKGROUNDS = ["brick", "grass", "gravel", "moon", "coffee", "rocket", "hubble_deep_field", "camera", "coins",
                        "chelsea"]
 CONTEXT_SIDES = 4
@@ -66,6 +73,21 @@ def background_photo(name: str, short_side: int) -> torch.Tensor:
         max(short_side, round(h * short_side / w)), short_side)
     resized = F.interpolate(photo[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)
     return resized[0].round_().clamp_(0, 255).to(torch.uint8)
+
+
+def describe_pose(scale: float, rotation: float, scale_range: tuple[float, float]) -> str:
+    """A pose phrase from the composition: size (thirds of ``scale_range``) and tilt (beyond +-10 degrees)."""
+    lo, hi = scale_range
+    t = (scale - lo) / (hi - lo) if hi > lo else 0.5
+    size = "small" if t < 1 / 3 else "large" if t > 2 / 3 else "medium-sized"
+    tilt = "tilted left" if rotation > 10 else "tilted right" if rotation < -10 else "upright"
+    return f"{size} and {tilt}"
+
+
+def pose_vocabulary() -> list[str]:
+    """Every phrase ``describe_pose`` can return."""
+    return [f"{s} and {t}" for s in ("small", "medium-sized", "large")
+            for t in ("upright", "tilted left", "tilted right")]
 
 
 @dataclass(frozen=True)
@@ -340,7 +362,7 @@ class ContextualFashionMNISTDataModule(FashionMNISTDataModule):
         return source
 
     def setup(self, stage: str) -> None:
-        if stage in ("fit", "validate"):
+        if stage in ("fit", "validate") or (stage == "predict" and self.predict_split != "test"):
             self._composed_pool()  # in the main process, before DataLoader workers start
         super().setup(stage)
 
@@ -354,6 +376,12 @@ class ContextualFashionMNISTDataModule(FashionMNISTDataModule):
         source = self.pool[0]
         source.bind_training_positions(self.split.train)
         return source.records(getattr(self.split, split))
+
+    def attribute_phrases(self, split: Literal["train", "val", "test"]) -> list[dict[str, Any]]:
+        """The true background and pose of every image of a split as caption words (an exact attribute bank)."""
+        scale_range = self.compositor.scale_range
+        return [{"id": r["id"], "class_index": r["label"], "background": BACKGROUND_PHRASES[r["background"]],
+                 "pose": describe_pose(r["scale"], r["rotation"], scale_range)} for r in self.attributes(split)]
 
     def split_record(self) -> dict[str, Any]:
         c = self.compositor

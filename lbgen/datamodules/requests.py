@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lbgen.attributes.bank import AttributeBank, Sampling, attribute_caption, template_uses_attributes
 from lbgen.datamodules.base import ImageClassificationDataModule
 
 Method = Literal["txt2img", "img2img", "img2img_low", "img2img_high", "genie"]
@@ -81,6 +82,11 @@ class GenerationRequestsDataModule(L.LightningDataModule):
             target in ``confusion_file`` (written by the classifier's ``test``).
         confusion_file: path of ``confusion_matrix.json``.
         top_k: how many most-confused classes to draw sources from.
+        attribute_sampling: BOB's attributes in the prompt: ``none`` (class prompt only), ``bob`` (background and
+            pose of a real image drawn from the whole bank, independently of the class: marginalisation), or
+            ``conditioned`` (drawn among the class's own real images).
+        attribute_bank: attribute bank file (``AttributeExtractionSystem``); needed unless ``none``.
+        descriptor: fills ``{descriptor}``; default the bank's.
         batch_size: requests per generation batch (fixed chunks; keep it when resuming a run).
         num_workers: DataLoader workers.
     """
@@ -100,6 +106,9 @@ class GenerationRequestsDataModule(L.LightningDataModule):
         genie_sources: Literal["random", "confusion"] = "random",
         confusion_file: str | None = None,
         top_k: int = 3,
+        attribute_sampling: Sampling = "none",
+        attribute_bank: str | None = None,
+        descriptor: str | None = None,
         batch_size: int = 16,
         num_workers: int = 0,
     ) -> None:
@@ -126,6 +135,18 @@ class GenerationRequestsDataModule(L.LightningDataModule):
             raise ValueError("class_names differ from source_data's classes; leave class_names unset.")
         if genie_sources == "confusion" and not confusion_file:
             raise ValueError("genie_sources='confusion' needs confusion_file (confusion_matrix.json of a test run).")
+        if attribute_sampling not in ("none", "bob", "conditioned"):
+            raise ValueError(f"attribute_sampling must be 'none', 'bob' or 'conditioned', got {attribute_sampling!r}.")
+        uses_attributes = template_uses_attributes(prompt_template)
+        if attribute_sampling != "none" and not (attribute_bank and uses_attributes):
+            raise ValueError(f"attribute_sampling={attribute_sampling!r} needs attribute_bank and a prompt_template "
+                             "with {background} and {pose} (configs/bob/generate.yaml).")
+        if attribute_sampling == "none" and uses_attributes:
+            raise ValueError(f"prompt_template {prompt_template!r} uses attributes: set attribute_sampling to 'bob' or "
+                             "'conditioned' (and attribute_bank).")
+        self.bank = AttributeBank.load(attribute_bank, list(class_names)) if attribute_sampling != "none" else None
+        self.attribute_sampling, self.attribute_bank = attribute_sampling, attribute_bank
+        self.descriptor = descriptor or (self.bank.descriptor if self.bank else None) or "object"
         self.class_names, self.source_data = list(class_names), source_data
         self.classes = list(range(len(class_names))) if classes is None else list(classes)
         bad = [c for c in self.classes if not 0 <= c < len(class_names)]
@@ -149,7 +170,8 @@ class GenerationRequestsDataModule(L.LightningDataModule):
                 "method": self.method, "strength": self.strength, "base_seed": self.base_seed,
                 "prompt_template": self.prompt_template, "superclass": self.superclass,
                 "negative_prompt": self.negative_prompt, "genie_sources": self.genie_sources,
-                "top_k": self.top_k, "batch_size": self.batch_size}
+                "top_k": self.top_k, "batch_size": self.batch_size, "attribute_sampling": self.attribute_sampling,
+                "attribute_bank_records": len(self.bank) if self.bank else 0, "descriptor": self.descriptor}
 
     def skip(self, done_ids: set[str]) -> None:
         """Leave out chunks whose requests are all done (called by the dataset writer when resuming)."""
@@ -186,12 +208,19 @@ class GenerationRequestsDataModule(L.LightningDataModule):
                         raise ValueError(f"No real training image of class {source_class} to use as a source.")
                     source_position = int(rng.choice(sources[source_class]))
                     source_id = pool.sample_id(source_position)
-                prompt = self.prompt_template.format(**{"class": self.class_names[c],
-                                                        "superclass": self.superclass or ""})
+                # attributes draw from their own stream: adding them leaves GeNIe / img2img sources unchanged
+                drawn = (self.bank.draw(np.random.default_rng([seed, 1]), c, self.attribute_sampling)
+                         if self.bank is not None else None)
+                prompt = attribute_caption(self.prompt_template, self.class_names[c],
+                                           drawn["background"] if drawn else None, drawn["pose"] if drawn else None,
+                                           self.descriptor, self.superclass)
+                attributes = ({"background": drawn["background"], "pose": drawn["pose"],
+                               "attributes_from": drawn["id"], "attribute_sampling": self.attribute_sampling}
+                              if drawn else {})
                 out.append({"id": request_id(c, i), "class_index": c, "class_name": self.class_names[c],
                             "index": i, "prompt": prompt, "negative_prompt": self.negative_prompt, "seed": seed,
                             "method": self.method, "strength": self.strength, "source_class": source_class,
-                            "source_position": source_position, "source_id": source_id})
+                            "source_position": source_position, "source_id": source_id, **attributes})
         return out
 
     def setup(self, stage: str) -> None:

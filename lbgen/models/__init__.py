@@ -1,5 +1,6 @@
 """LightningModules: one system per stage."""
 
+from lbgen.models.attribute_extraction import AttributeExtractionSystem
 from lbgen.models.autoencoder import AutoencoderTrainer
 from lbgen.models.classifier import ImageClassifier
 from lbgen.models.clip_trainer import ClipTrainer
@@ -8,5 +9,5 @@ from lbgen.models.lbgen_trainer import LbGenTrainer
 from lbgen.models.quality_trainer import QualityTrainer
 from lbgen.models.text_to_image import TextToImageTrainer
 
-__all__ = ["AutoencoderTrainer", "ClipTrainer", "DiffusionGenerator", "ImageClassifier", "LbGenTrainer",
-           "QualityTrainer", "TextToImageTrainer"]
+__all__ = ["AttributeExtractionSystem", "AutoencoderTrainer", "ClipTrainer", "DiffusionGenerator", "ImageClassifier",
+           "LbGenTrainer", "QualityTrainer", "TextToImageTrainer"]

@@ -1,0 +1,13 @@
+"""BOB's class-agnostic attributes: extractors, the attribute bank, captions."""
+
+from lbgen.attributes.bank import (
+    DEFAULT_CAPTION,
+    AttributeBank,
+    attribute_caption,
+    mentions_class,
+    scrub_class_names,
+)
+from lbgen.attributes.extractors import AttributeExtractor, ClipAttributeExtractor
+
+__all__ = ["DEFAULT_CAPTION", "AttributeBank", "AttributeExtractor", "ClipAttributeExtractor", "attribute_caption",
+           "mentions_class", "scrub_class_names"]
