@@ -9,6 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# before anything imports huggingface_hub, which reads these once at import: offline from the first import on
+os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
 from lbgen.datamodules.fashion_mnist import DEFAULT_ROOT, FILES
 from lbgen.datamodules.idx import write_idx
 

@@ -60,6 +60,7 @@ def test_scrub_removes_every_class_name_and_part():
     scrubbed = scrub_class_names(text, CLASSES, "garment")
     assert mentions_class(scrubbed, CLASSES) == []
     assert "garment" in scrubbed and "trousers" not in scrubbed.lower()  # plurals are mentions too
+    assert mentions_class("a boot-like shape", CLASSES) == [] and mentions_class("two boots", CLASSES) == ["boots"]
     assert mentions_class("laptop stand", CLASSES) == []  # a word containing "top" is not a mention
 
 

@@ -7,7 +7,8 @@ from lbgen.attributes.bank import (
     mentions_class,
     scrub_class_names,
 )
+from lbgen.attributes.captioner import CaptionerAttributeExtractor
 from lbgen.attributes.extractors import AttributeExtractor, ClipAttributeExtractor
 
-__all__ = ["DEFAULT_CAPTION", "AttributeBank", "AttributeExtractor", "ClipAttributeExtractor", "attribute_caption",
-           "mentions_class", "scrub_class_names"]
+__all__ = ["DEFAULT_CAPTION", "AttributeBank", "AttributeExtractor", "CaptionerAttributeExtractor",
+           "ClipAttributeExtractor", "attribute_caption", "mentions_class", "scrub_class_names"]

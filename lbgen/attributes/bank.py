@@ -23,8 +23,10 @@ Sampling = Literal["none", "bob", "conditioned"]
 
 
 def class_name_parts(class_names: list[str]) -> list[str]:
-    """Names a class is called by: the full name and its ``/``-separated parts ("T-shirt/top" -> T-shirt, top)."""
+    """Names a class is called by: the full name, its ``/``-separated parts ("T-shirt/top" -> T-shirt, top) and the
+    words of a several-word name ("Ankle boot" -> Ankle, boot)."""
     parts = {n.strip() for name in class_names for n in [name, *name.split("/")] if n.strip()}
+    parts |= {w for p in list(parts) if len(p.split()) > 1 for w in p.split() if len(w) >= 3}
     return sorted(parts, key=len, reverse=True)  # longest first: "Ankle boot" before "boot"
 
 
