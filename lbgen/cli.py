@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from argparse import RawDescriptionHelpFormatter
 from pathlib import Path
 from typing import Literal
@@ -40,6 +41,8 @@ class LBGenCLI(LightningCLI):
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
         parser.add_argument("--test_after_fit", type=Literal["no", "final", "best"], default="final",
                             help="After `fit`, test the final weights, the best checkpoint, or nothing.")
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="Let `fit` replace the model's existing output_dir (a previous run's result).")
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(str(self.subcommand), self.config)
@@ -51,6 +54,50 @@ class LBGenCLI(LightningCLI):
             root = config.trainer.default_root_dir
             config.trainer.logger = Namespace(class_path="lightning.pytorch.loggers.CSVLogger",
                                               init_args=Namespace(save_dir=root, name=""))
+        if self.subcommand == "fit":
+            self._crash_safety(config)
+
+    def _crash_safety(self, config: Namespace) -> None:
+        """Exact resume and safe checkpoints for every system: RNG states and a ``last.ckpt`` in every checkpoint
+        folder, no checkpoint of non-finite weights, ``weights_only`` loading, and ``--ckpt_path last`` continuing
+        the latest run directory (not a new, empty ``version_N``)."""
+        callbacks = list(config.trainer.callbacks or [])
+        names = {str(getattr(c, "class_path", type(c).__name__)).rsplit(".", 1)[-1] for c in callbacks}
+        for name in ("RNGStateCallback", "FiniteWeightsGuard"):
+            if name not in names:
+                callbacks.append(Namespace(class_path=f"lbgen.callbacks.{name}", init_args=Namespace()))
+        if config.trainer.enable_checkpointing is not False and "ModelCheckpoint" not in names:
+            callbacks.append(Namespace(class_path="lightning.pytorch.callbacks.ModelCheckpoint",
+                                       init_args=Namespace(save_last=True)))
+        config.trainer.callbacks = callbacks
+        if config.get("weights_only") is None:
+            config.weights_only = True  # a checkpoint is data, not code: refuse pickled objects
+        if config.get("ckpt_path") == "last" and isinstance(config.trainer.logger, Namespace) and str(
+                config.trainer.logger.class_path).endswith("CSVLogger"):
+            root = Path(config.trainer.default_root_dir)
+            lasts = root.glob("version_*/checkpoints/last*.ckpt")
+            runs = sorted((int(p.parts[-3][8:]), p) for p in lasts if p.parts[-3][8:].isdigit())
+            if runs:
+                version, last = runs[-1]
+                config.trainer.logger.init_args.version = version
+                # the run directory already has config.yaml: keep it, and record this resumption's config beside it
+                resumed = len(list(last.parent.parent.glob("config-resumed-*.yaml"))) + 1
+                self.save_config_kwargs = {**self.save_config_kwargs,
+                                           "config_filename": f"config-resumed-{resumed}.yaml"}
+                # metrics.csv is appended to, not deleted, whatever the CSV logger's warning says
+                warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+                rank_zero_info(f"Resuming {last} (run directory {last.parent.parent}).")
+            else:
+                rank_zero_info(f"--ckpt_path last: no last.ckpt under {root}/version_*/checkpoints; starting afresh.")
+
+    def before_fit(self) -> None:
+        config = self.config.get(str(self.subcommand), self.config)
+        output = getattr(self.model, "output_dir", None)
+        if output and not config.get("ckpt_path") and not config.get("overwrite") and Path(output).exists() and any(
+                Path(output).iterdir()):
+            raise FileExistsError(f"{output} holds a previous run's output ({type(self.model).__name__}.output_dir). "
+                                  "Choose another output_dir, resume the run with --ckpt_path last, or pass "
+                                  "--overwrite true to replace it.")
 
     def after_fit(self) -> None:
         mode = self.config.get(str(self.subcommand), self.config).get("test_after_fit", "no")

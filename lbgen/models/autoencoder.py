@@ -13,7 +13,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 
 from lbgen.models.classifier import unpack_batch
-from lbgen.models.optim import configure_optimizers
+from lbgen.models.optim import configure_optimizers, ensure_finite
 
 
 class AutoencoderTrainer(L.LightningModule):
@@ -72,6 +72,7 @@ class AutoencoderTrainer(L.LightningModule):
         images, _, _ = unpack_batch(batch)
         terms, z = self.loss_terms(images)
         loss = sum(self.weights[name] * term for name, term in terms.items())
+        ensure_finite(terms, self.global_step)
         for name, term in terms.items():
             self.log(f"train/{name}", term, batch_size=len(images))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(images))

@@ -18,7 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from lbgen.evaluation.longtail import bucket_accuracy, class_buckets, is_imbalanced
 from lbgen.losses.classification import SourceWeightedCrossEntropy
-from lbgen.models.optim import configure_optimizers
+from lbgen.models.optim import configure_optimizers, ensure_finite
 
 CONFUSION_FILE, TEST_METRICS_FILE = "confusion_matrix.json", "test_metrics.json"
 
@@ -120,8 +120,38 @@ class ImageClassifier(L.LightningModule):
         names = getattr(getattr(self.trainer, "datamodule", None), "class_names", None)
         if self.hparams.class_names is None and names is not None and len(names) == self.num_classes:
             self.class_names = list(names)  # not linked (used without the CLI): take the DataModule's
+        image_size = getattr(getattr(self.trainer, "datamodule", None), "image_size", None)
+        if isinstance(image_size, int):
+            self.check_input_size(image_size)
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
+
+    @torch.no_grad()
+    def check_input_size(self, image_size: int) -> None:
+        """Fail before training if the backbone cannot take ``image_size`` x ``image_size`` images.
+
+        Some backbones have a fixed input size (a ViT built with ``img_size``); without this check the mismatch would
+        surface as an assertion deep in the first training step. One image of zeros goes through in eval mode, so
+        no statistics or random state change.
+        """
+        parameter = next(self.backbone.parameters(), None)
+        probe = torch.zeros(1, 3, image_size, image_size, device=parameter.device if parameter is not None else None,
+                            dtype=parameter.dtype if parameter is not None and parameter.is_floating_point() else None)
+        was_training = self.backbone.training
+        self.backbone.eval()
+        try:
+            self.backbone(probe)
+        except (RuntimeError, AssertionError, ValueError) as err:
+            fixed = getattr(getattr(getattr(self.backbone, "model", None), "patch_embed", None), "img_size", None)
+            expects = f" (it expects {tuple(fixed)})" if fixed is not None else ""
+            raise ValueError(
+                f"The backbone {getattr(self.backbone, 'model_name', type(self.backbone).__name__)!r} cannot take "
+                f"{image_size}x{image_size} images, the data's image_size{expects}: {err}. Set the DataModule's "
+                "image_size to the size the backbone takes (generated images are resized to it), or build the backbone "
+                f"for {image_size} (TimmBackbone model_kwargs: {{img_size: {image_size}}}, or {{dynamic_img_size: "
+                "true}} for a ViT).") from err
+        finally:
+            self.backbone.train(was_training)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, num_classes]`` for images in [0, 1]."""
@@ -138,6 +168,7 @@ class ImageClassifier(L.LightningModule):
         images, labels, source = unpack_batch(batch)
         logits = self(images)
         loss = self.loss(logits, labels, source)
+        ensure_finite({"cross_entropy": loss}, self.global_step)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
         if labels.ndim == 1:  # hard labels (CutMix / MixUp make them soft)
             acc = (logits.argmax(1) == labels).float().mean()

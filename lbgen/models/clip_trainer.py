@@ -20,7 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lbgen.components.clip import ClipScorer
 from lbgen.models.classifier import unpack_batch
-from lbgen.models.optim import configure_optimizers
+from lbgen.models.optim import configure_optimizers, ensure_finite
 
 DEFAULT_MODEL_CONFIG: dict[str, Any] = {
     "embed_dim": 128,
@@ -139,6 +139,7 @@ class ClipTrainer(L.LightningModule):
             raise ValueError("ClipTrainer needs integer labels; turn off the DataModule's batch_mix.")
         terms = self.loss_terms(images, labels)
         loss = sum(self.weights[name] * term for name, term in terms.items())
+        ensure_finite(terms, self.global_step)
         for name, term in terms.items():
             self.log(f"train/{name}", term, batch_size=len(images))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(images))

@@ -17,6 +17,7 @@ from lbgen.components.lora import UNET_TARGETS, add_lora, save_lora
 from lbgen.components.sampling import make_sampler, sample_latents
 from lbgen.losses.alignment import DatasetAlignmentLoss, InstanceAlignmentLoss
 from lbgen.losses.quality import QualityLoss
+from lbgen.models.optim import ensure_finite
 from lbgen.models.text_to_image import class_caption, low_precision_setup
 
 
@@ -240,6 +241,7 @@ class LbGenTrainer(L.LightningModule):
         if d_opt is not None:  # the discriminator: class texts are "real", generated images "fake"
             self.toggle_optimizer(d_opt)
             d_loss = self.dataset_alignment.discriminator_loss(self.class_text_features()[labels], features)
+            ensure_finite({"discriminator": d_loss}, step)
             d_opt.zero_grad()
             self.manual_backward(d_loss)
             d_opt.step()
@@ -250,10 +252,7 @@ class LbGenTrainer(L.LightningModule):
             self.toggle_optimizer(g_opt)
             terms = self.loss_terms(images, labels, features)
             loss = sum(self.weights[name] * term for name, term in terms.items())
-            bad = [name for name, term in terms.items() if not torch.isfinite(term)]
-            if bad:
-                raise FloatingPointError(f"lbGen loss term(s) {bad} not finite at step {step}; lower the learning "
-                                         "rate or gradient_clip_val. The last checkpoint is kept.")
+            ensure_finite(terms, step)
             g_opt.zero_grad()
             self.manual_backward(loss)
             if self.gradient_clip_val:

@@ -28,3 +28,13 @@ def configure_optimizers(params: Iterable[torch.nn.Parameter], optimizer_factory
         raise ValueError(f"The scheduler plans {total} steps but training takes {trainer.estimated_stepping_batches}; "
                          "set its total_steps to at least that (or leave it unset).")
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def ensure_finite(terms: dict[str, torch.Tensor], step: int) -> None:
+    """Stop with a message naming the step and every non-finite loss term (called before backward, so the weights
+    and the last checkpoint stay good)."""
+    bad = {name: float(term.detach()) for name, term in terms.items() if not torch.isfinite(term).all()}
+    if bad:
+        raise FloatingPointError(
+            f"Loss term(s) {bad} not finite at step {step}: training stopped before the update, the last checkpoint "
+            "is kept. Lower the learning rate or set trainer.gradient_clip_val, then resume with --ckpt_path last.")

@@ -22,7 +22,7 @@ from torchmetrics.utilities import dim_zero_cat
 from lbgen.components.distortions import DISTORTIONS, distort_each
 from lbgen.losses.quality import QUALITY_CONFIG_FILE, QUALITY_WEIGHTS_FILE, QualityLoss
 from lbgen.models.classifier import unpack_batch
-from lbgen.models.optim import configure_optimizers
+from lbgen.models.optim import configure_optimizers, ensure_finite
 
 
 def pairwise_ranking_loss(scores: torch.Tensor, levels: torch.Tensor, margin: float) -> torch.Tensor:
@@ -134,6 +134,7 @@ class QualityTrainer(L.LightningModule):
         levels = torch.randint(self.num_levels + 1, (2 * n,), generator=generator)
         damaged = distort_each(both, kinds, levels, self.distortions, self.num_levels, generator)
         loss = pairwise_ranking_loss(self.score(damaged), levels.to(self.device), self.margin)
+        ensure_finite({"ranking": loss}, self.global_step)
         self.log("train/ranking", loss, prog_bar=True, batch_size=n)
         return loss
 

@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lbgen.components.diffusion import GeneratorSource
 from lbgen.components.lora import TEXT_TARGETS, UNET_TARGETS, add_lora, save_lora
 from lbgen.models.classifier import unpack_batch
-from lbgen.models.optim import configure_optimizers
+from lbgen.models.optim import configure_optimizers, ensure_finite
 
 Mode = Literal["scratch", "full", "lora"]
 LOW_PRECISION = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16,
@@ -199,9 +199,7 @@ class TextToImageTrainer(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images, _, _ = unpack_batch(batch)
         loss = self.denoising_loss(images, self.captions_for(batch))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"Denoising loss is {loss.item()} at step {self.global_step}; lower the "
-                                     "learning rate or enable gradient clipping. The last checkpoint is kept.")
+        ensure_finite({"denoising": loss}, self.global_step)
         self.log("train/denoising", loss, prog_bar=True, batch_size=len(images))
         return loss
 
