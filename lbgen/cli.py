@@ -147,7 +147,13 @@ def main(argv: list[str] | None = None) -> None:
 
         print(f"Exported to {export_image_folder(words[1], words[2])}")
         return
-    cli_main(argv)  # None: LightningCLI reads sys.argv itself
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        cli_main(argv)  # None: LightningCLI reads sys.argv itself
+    except SIGTERMException:
+        # a terminated run must not look like a finished one to a scheduler: 128 + SIGTERM
+        raise SystemExit(143) from None
 
 
 if __name__ == "__main__":

@@ -217,3 +217,17 @@ def test_export_image_folder(tiny_generator, fmnist_fixture, tmp_path):
     assert (tmp_path / "plain" / tshirt["file_name"]).read_bytes() == pngs(tmp_path / "syn")["c0000-i000000.png"]
     with pytest.raises(FileExistsError):
         main(["export", str(tmp_path / "syn"), str(tmp_path / "plain")])
+
+
+def test_rerun_generates_only_what_is_missing(tiny_generator, fmnist_fixture, tmp_path):
+    out = tmp_path / "out"
+    generate(tiny_generator, fmnist_fixture, out, images_per_class=2)
+    shard = complete_shards(out)[1]
+    shard.with_suffix(".jsonl").unlink()  # as if killed before this shard's index was written
+    data = GenerationRequestsDataModule(source_data=_source(fmnist_fixture), batch_size=4, images_per_class=2)
+    model = DiffusionGenerator(PretrainedGenerator(str(tiny_generator)), output_dir=str(out), num_inference_steps=3,
+                               shard_size=8)
+    L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False).predict(
+        model, data, return_predictions=False)
+    assert 0 < len(data.dataset) < 5  # only the chunks of the lost shard, not all 5 again
+    assert len(read_manifest(out)[1]) == 20

@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from PIL import Image
 
 RUN_FILE, MANIFEST_FILE, SHARD_DIR = "run.json", "manifest.jsonl", "shards"
@@ -109,6 +110,11 @@ class SyntheticDatasetWriter(BasePredictionWriter):
             self._buffer.append((png_bytes(image), record))
         if len(self._buffer) >= self.shard_size:
             self._flush()
+        if trainer.received_sigterm:  # Lightning's predict loop never checks: stop here, keeping what is done
+            self._flush()
+            rank_zero_info(f"SIGTERM: stopped with {len(self._done)} images in complete shards; rerun the same "
+                           "command to finish.")
+            raise SIGTERMException(143)
 
     def _flush(self) -> None:
         if not self._buffer:

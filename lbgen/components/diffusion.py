@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import functools
 import gzip
+import json
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from lbgen.components.lora import load_lora
 
 SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 
@@ -96,28 +99,68 @@ def build_generator(
                                    image_encoder=None, requires_safety_checker=False)
 
 
+def _check_pipeline_folder(path: Path, trust_remote_code: bool) -> None:
+    """Refuse a local folder that is not a diffusers pipeline, or that would run its own code unasked."""
+    if not path.exists():
+        raise FileNotFoundError(f"Generator folder {path} does not exist. Run the stage that writes it (e.g. `lbgen "
+                                "fit -c configs/generator/fashion_pretrain.yaml`) or fix `model:`; a hub id looks like "
+                                "'namespace/name'.")
+    index_file = path / "model_index.json"
+    if not path.is_dir() or not index_file.is_file():
+        raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json). Pass a folder "
+                                "written by `save_pretrained` / lbgen's generator stage, or a hub id.")
+    try:
+        index = json.loads(index_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{index_file} is not valid JSON ({err}); the generator folder is damaged: save or copy it "
+                         "again.") from None
+    if not isinstance(index, dict):
+        raise ValueError(f"{index_file} is not a diffusers model index; save or copy the generator folder again.")
+    # diffusers imports <component>/<library>.py when model_index.json names such a library: code in the folder
+    custom = [f"{name}/{entry[0]}.py" for name, entry in index.items() if isinstance(entry, list) and entry
+              and isinstance(entry[0], str) and (path / name / f"{entry[0]}.py").is_file()]
+    if custom and not trust_remote_code:
+        raise ValueError(f"{path} ships its own code ({', '.join(custom)}), which loading it would run. Refused: "
+                         "read that code, and set `trust_remote_code: true` on PretrainedGenerator only if you trust "
+                         "it; otherwise save the pipeline with diffusers' own classes.")
+
+
 def load_generator(
     model: str,
     torch_dtype: torch.dtype | None = None,
     variant: str | None = None,
     lora: str | None = None,
+    trust_remote_code: bool = False,
 ) -> StableDiffusionPipeline:
     """Load a generator by hub id (e.g. ``stable-diffusion-v1-5/stable-diffusion-v1-5``) or local diffusers folder.
 
-    A local folder never touches the network. ``lora`` is a folder or file written by ``save_lora_weights``.
+    A local folder never touches the network. ``lora`` is a folder or file written by ``save_lora_weights``; one that
+    does not fit the UNet (or text encoder) is refused. Code shipped with the model runs only with
+    ``trust_remote_code``; weights are read from safetensors or with ``torch.load(weights_only=True)`` by diffusers.
+
+    Raises:
+        FileNotFoundError: a local path that does not exist or is not a diffusers pipeline folder.
+        ValueError: the folder ships code and ``trust_remote_code`` is off, or the LoRA does not fit.
+        OSError: a hub id that cannot be loaded (not cached offline, unknown, no network).
     """
     path = Path(model).expanduser()
-    local = path.exists() or model.startswith((".", "/", "~"))
+    # a hub id is "name" or "namespace/name": anything else that names a path is local and must exist
+    local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
     if local:
-        if not (path / "model_index.json").is_file():
-            raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json). Pass a folder "
-                                    "written by `save_pretrained` / lbgen's generator stage, or a hub id.")
+        _check_pipeline_folder(path, trust_remote_code)
         model = str(path)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        model, torch_dtype=torch_dtype, variant=variant, local_files_only=local, safety_checker=None,
-        requires_safety_checker=False)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            model, torch_dtype=torch_dtype, variant=variant, local_files_only=local, safety_checker=None,
+            requires_safety_checker=False, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        if local:
+            raise
+        raise OSError(f"Cannot load generator {model!r}: there is no such local folder, and as a hub id it cannot be "
+                      f"loaded ({err}). Pass a diffusers folder, or download the model first (`hf download {model}`, "
+                      "then run with HF_HUB_OFFLINE=1).") from err
     if lora:
-        pipe.load_lora_weights(lora)
+        load_lora(pipe, lora)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -145,16 +188,19 @@ class PretrainedGenerator(GeneratorSource):
         torch_dtype: ``float32``, ``float16`` or ``bfloat16`` (None: as saved).
         variant: weight variant such as ``fp16``.
         lora: a folder or file of LoRA weights written by ``save_lora_weights``.
+        trust_remote_code: let a model that ships its own Python code run it (off: such a model is refused).
     """
 
     def __init__(self, model: str, torch_dtype: str | None = None, variant: str | None = None,
-                 lora: str | None = None) -> None:
+                 lora: str | None = None, trust_remote_code: bool = False) -> None:
         if torch_dtype is not None and torch_dtype not in _DTYPES:
             raise ValueError(f"torch_dtype must be one of {sorted(_DTYPES)}, got {torch_dtype!r}.")
         self.model, self.torch_dtype, self.variant, self.lora = model, torch_dtype, variant, lora
+        self.trust_remote_code = bool(trust_remote_code)
 
     def __call__(self) -> StableDiffusionPipeline:
-        return load_generator(self.model, _DTYPES.get(self.torch_dtype or ""), self.variant, self.lora)
+        return load_generator(self.model, _DTYPES.get(self.torch_dtype or ""), self.variant, self.lora,
+                              trust_remote_code=self.trust_remote_code)
 
     @property
     def generator_id(self) -> str:
@@ -185,7 +231,8 @@ class NewGenerator(GeneratorSource):
         pipe = build_generator(**self.kwargs)
         if self.vae:
             if not (Path(self.vae) / "config.json").is_file():
-                raise FileNotFoundError(f"{self.vae} is not an AutoencoderKL folder (no config.json).")
+                raise FileNotFoundError(f"{self.vae} is not an AutoencoderKL folder (no config.json): train one with "
+                                        "`lbgen fit -c configs/generator/fashion_vae.yaml`, or fix `vae:`.")
             vae = AutoencoderKL.from_pretrained(self.vae, local_files_only=True)
             if vae.config.latent_channels != pipe.unet.config.in_channels:
                 raise ValueError(f"The VAE in {self.vae} has {vae.config.latent_channels} latent channels, the UNet "

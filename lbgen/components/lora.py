@@ -47,6 +47,63 @@ def save_lora(folder: str | Path, unet: nn.Module, text_encoder: nn.Module | Non
     return folder / LORA_FILE
 
 
+def _lora_parameters(pipe: StableDiffusionPipeline) -> int:
+    modules = [m for m in (pipe.unet, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if m]
+    return sum(1 for m in modules for name, _ in m.named_parameters() if "lora_" in name)
+
+
+def _lora_location(lora: str) -> tuple[str, str | None]:
+    """``(folder or hub id, weight file name)`` of a LoRA given as a folder, a file or a hub id."""
+    path = Path(lora).expanduser()
+    looks_local = path.exists() or lora.startswith((".", "/", "~")) or lora.count("/") > 1 or path.suffix in (
+        ".safetensors", ".bin", ".pt")
+    if not looks_local:
+        return lora, None  # a hub id: diffusers finds the weight file
+    if path.is_file():
+        return str(path.parent), path.name
+    if path.is_dir():
+        if (path / LORA_FILE).is_file():
+            return str(path), LORA_FILE
+        candidates = sorted(p.name for p in path.glob("*.safetensors"))
+        if len(candidates) == 1:
+            return str(path), candidates[0]
+        raise FileNotFoundError(f"LoRA folder {path} holds {len(candidates)} .safetensors files, not one "
+                                f"{LORA_FILE}: point `lora` at the weights file itself.")
+    raise FileNotFoundError(f"LoRA {lora} does not exist: point `lora` at the folder (or {LORA_FILE}) written by the "
+                            "generator stage's LoRA training, or at a hub id.")
+
+
+def load_lora(pipe: StableDiffusionPipeline, lora: str | Path) -> None:
+    """Load LoRA weights (a folder, a file or a hub id) into ``pipe``, refusing weights that do not fit it.
+
+    diffusers raises on a shape mismatch but only logs LoRA weights that match no module (a LoRA trained for another
+    architecture then loads partly, silently); here both are an error that names the LoRA.
+    """
+    source, weight_name = _lora_location(str(lora))
+    kwargs = {"weight_name": weight_name} if weight_name else {}
+    try:
+        state, _ = pipe.lora_state_dict(source, **kwargs)
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"{lora} cannot be read as LoRA weights ({err}); point `lora` at the weights written by "
+                         "`save_lora_weights` (lbgen's LoRA training writes them).") from err
+    expected = sum(1 for key in state if "lora" in key and not key.endswith("alpha"))
+    before = _lora_parameters(pipe)
+    try:
+        pipe.load_lora_weights(source, **kwargs)
+    except (RuntimeError, ValueError, KeyError) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = next((line for line in lines if "mismatch" in line), lines[0] if lines else type(err).__name__)
+        raise ValueError(f"LoRA {lora} does not fit this generator's UNet / text encoder ({detail}). It was trained "
+                         "for another generator: use it with the generator it was trained on, or train a LoRA for "
+                         "this one.") from err
+    loaded = _lora_parameters(pipe) - before
+    if expected == 0 or loaded < expected:
+        pipe.unload_lora_weights()
+        raise ValueError(f"LoRA {lora} does not fit this generator: only {loaded} of its {expected} weights match a "
+                         "module of the UNet / text encoder (it was trained for another architecture, e.g. more "
+                         "blocks). Use it with the generator it was trained on, or train a LoRA for this one.")
+
+
 def lora_hash(path: str | Path | None) -> str | None:
     """Short content hash of a LoRA weights file (or the standard file inside a folder), for manifests."""
     if not path:

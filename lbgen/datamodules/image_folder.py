@@ -27,7 +27,9 @@ def read_image(path: Path) -> Image.Image:
             image.load()  # decodes every byte: a truncated file fails here, not later in a worker
             return image.convert("RGB")
     except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
-        raise BadImageError(f"Cannot read image {path}: {err}") from err
+        raise BadImageError(f"Cannot read image {path} ({type(err).__name__}: {err}): the file is truncated or not an "
+                            "image. Replace or delete it, or set `skip_bad_images: true` on the DataModule to drop "
+                            "unreadable images with a warning.") from err
 
 
 def scan_class_folders(root: Path) -> tuple[list[str], list[Path], np.ndarray]:
@@ -120,6 +122,11 @@ class ImageFolderDataModule(ImageClassificationDataModule):
     def _source(self, root: Path, paths: list[Path], labels: np.ndarray) -> tuple[FileImageSource, np.ndarray]:
         if self.check_images or self.skip_bad_images:
             paths, labels = drop_bad_images(paths, labels, self.skip_bad_images)
+            left = np.bincount(labels, minlength=len(self._classes))
+            empty = [str(root / name) for name, n in zip(self._classes, left, strict=True) if n == 0]
+            if empty:  # every image of a class was unreadable: training without the class would be silently wrong
+                raise ValueError(f"No readable image left in class folder(s) {', '.join(empty)} after skipping "
+                                 "unreadable files; add readable images or remove the folder.")
         return FileImageSource(root, paths, self.image_size), labels
 
     def load_pool(self) -> tuple[FileImageSource, np.ndarray]:

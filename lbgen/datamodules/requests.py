@@ -116,12 +116,15 @@ class GenerationRequestsDataModule(L.LightningDataModule):
         if method not in DEFAULT_STRENGTH:
             raise ValueError(f"Unknown method {method!r}; choose one of {sorted(DEFAULT_STRENGTH)}.")
         if images_per_class <= 0:
-            raise ValueError(f"images_per_class must be positive, got {images_per_class}.")
+            raise ValueError(f"images_per_class must be positive, got {images_per_class}: set it to the number of "
+                             "images to generate for each class (1 or more).")
         strength = strength if strength is not None else DEFAULT_STRENGTH[method]
         if method == "txt2img" and strength is not None:
             raise ValueError("txt2img starts from pure noise and takes no strength; use img2img for a source image.")
         if strength is not None and not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength (noise ratio r) must be in (0, 1], got {strength}.")
+            raise ValueError(f"strength (noise ratio r) must be in (0, 1], got {strength}: use e.g. 0.3 (close to the "
+                             "source), 0.8 (GeNIe) or 1.0 (the source only sets the layout), or leave it unset for "
+                             f"the {method!r} preset.")
         if method != "txt2img" and source_data is None:
             raise ValueError(f"method {method!r} needs source images: set source_data to a real DataModule.")
         if class_names is None:
@@ -130,7 +133,8 @@ class GenerationRequestsDataModule(L.LightningDataModule):
             class_names = source_data.class_names
         if len(set(class_names)) != len(class_names):
             dup = sorted({n for n in class_names if class_names.count(n) > 1})
-            raise ValueError(f"Duplicate class names {dup}: every class needs a distinct name for its prompt.")
+            raise ValueError(f"Duplicate class names {dup}: every class needs a distinct name for its prompt; rename "
+                             "them (e.g. add a qualifier: 'crane (bird)', 'crane (machine)').")
         if source_data is not None and source_data.class_names != list(class_names):
             raise ValueError("class_names differ from source_data's classes; leave class_names unset.")
         if genie_sources == "confusion" and not confusion_file:
@@ -159,6 +163,7 @@ class GenerationRequestsDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self._skip: set[str] = set()
         self.dataset: RequestChunks | None = None
+        self._chunks: list[list[dict[str, Any]]] = []
 
     @property
     def num_classes(self) -> int:
@@ -178,11 +183,32 @@ class GenerationRequestsDataModule(L.LightningDataModule):
         self._skip = set(done_ids)
 
     def _confusion(self) -> np.ndarray:
-        record = json.loads(Path(self.confusion_file).read_text())
+        path = Path(self.confusion_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"confusion_file {path} does not exist: run `lbgen test` of a classifier on these "
+                                    "classes (it writes confusion_matrix.json into its run directory), or set "
+                                    "genie_sources='random'.")
+        try:
+            record = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"confusion_file {path} is not valid JSON ({err}); point it at the "
+                             "confusion_matrix.json written by `lbgen test`.") from None
+        if not isinstance(record, dict) or "matrix" not in record:
+            raise ValueError(f"confusion_file {path} has no 'matrix'; point it at the confusion_matrix.json written "
+                             "by `lbgen test`.")
         if record.get("class_names") != self.class_names:
-            raise ValueError(f"{self.confusion_file} is for classes {record.get('class_names')}, not "
-                             f"{self.class_names}.")
-        return np.asarray(record["matrix"])
+            raise ValueError(f"{path} is for classes {record.get('class_names')}, not {self.class_names}: use the "
+                             "confusion_matrix.json of a classifier tested on these classes (same names, same "
+                             "order), or set genie_sources='random'.")
+        try:
+            matrix = np.asarray(record["matrix"], dtype=float)
+        except (TypeError, ValueError):  # ragged rows or non-numbers
+            matrix = np.empty(0)
+        n = len(self.class_names)
+        if matrix.shape != (n, n):
+            raise ValueError(f"{path}: the matrix has shape {matrix.shape}, expected ({n}, {n}) numbers for "
+                             f"{n} classes; point it at the confusion_matrix.json written by `lbgen test`.")
+        return matrix
 
     def requests(self) -> list[dict[str, Any]]:
         """All requests in canonical order (class-major)."""
@@ -225,11 +251,13 @@ class GenerationRequestsDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         requests = self.requests()
-        chunks = [requests[i:i + self.batch_size] for i in range(0, len(requests), self.batch_size)]
-        chunks = [c for c in chunks if not all(r["id"] in self._skip for r in c)]
-        images = self.source_data.pool[0] if self.method != "txt2img" else None
-        self.dataset = RequestChunks(chunks, images)
+        self._chunks = [requests[i:i + self.batch_size] for i in range(0, len(requests), self.batch_size)]
 
     def predict_dataloader(self) -> DataLoader:
+        # Filtered here, not in setup: Lightning sets the DataModule up before the dataset writer reads what a
+        # killed run already finished (``skip``), and builds the dataloader after both.
+        chunks = [c for c in self._chunks if not all(r["id"] in self._skip for r in c)]
+        images = self.source_data.pool[0] if self.method != "txt2img" else None
+        self.dataset = RequestChunks(chunks, images)
         return DataLoader(self.dataset, batch_size=None, shuffle=False, num_workers=self.num_workers,
                           collate_fn=_identity)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -16,21 +17,100 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, WeightedRandomS
 
 from lbgen.callbacks.dataset_writer import MANIFEST_FILE, RUN_FILE, SHARD_DIR
 from lbgen.datamodules.base import SYNTHETIC, ClassificationDataset, ImageClassificationDataModule, TensorImageSource
+from lbgen.datamodules.requests import request_seed
 from lbgen.datamodules.transforms import augmentation_preset
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+"""What a record's ``id`` and ``shard`` must look like: they become file names, so no separators, no ``..``."""
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): the {what} is damaged; regenerate the dataset, or "
+                         "resume the `lbgen predict` run that writes it.") from None
+
+
+def _check_record(record: Any, where: str, run: dict[str, Any], shards: Path, existing: set[str]) -> None:
+    """Refuse a record of the wrong shape, with unsafe file names, or from a run other than ``run.json``'s."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where} is a {type(record).__name__}, not a record; regenerate the dataset.")
+    required = {"id", "class_index", "shard", "seed", "prompt", "method"}
+    if not required <= set(record):
+        raise ValueError(f"{where} (id {record.get('id')!r}) lacks {sorted(required - set(record))}; the manifest "
+                         "was not written by lbgen's generation stage: regenerate the dataset.")
+    for key in ("id", "shard"):
+        value = record[key]
+        if not isinstance(value, str) or not _PLAIN_NAME.fullmatch(value) or ".." in value:
+            raise ValueError(f"{where}: {key} {value!r} is not a plain file name (it is used as one inside the "
+                             "dataset folder); the manifest is damaged or not lbgen's: regenerate the dataset.")
+    c = record["class_index"]
+    if not isinstance(c, int) or isinstance(c, bool) or c < 0:
+        raise ValueError(f"{where}: class_index {c!r} is not a non-negative integer; regenerate the dataset.")
+    if record["shard"] not in existing:
+        raise ValueError(f"{where}: its shard {shards / record['shard']} is missing: the manifest is from another "
+                         "run, or the shards were not copied. Keep the whole dataset folder (run.json, manifest.jsonl "
+                         "and shards/) together, or rerun the same `lbgen predict` command to finish the run.")
+    requests = run.get("requests") if isinstance(run.get("requests"), dict) else {}
+    names = requests.get("class_names")
+    differences = [key for key, value in run.items() if key != "requests" and key in record and record[key] != value]
+    if isinstance(names, list):
+        if c >= len(names):
+            differences.append(f"class_index {c} (run.json has {len(names)} classes)")
+        elif "class_name" in record and record["class_name"] != names[c]:
+            differences.append(f"class_name {record['class_name']!r} (run.json: {names[c]!r})")
+    differences += [key for key in ("method", "strength") if key in requests and record.get(key) != requests[key]]
+    derivable = "base_seed" in requests and isinstance(record.get("index"), int) and c < len(names or [])
+    if derivable and record["seed"] != request_seed(requests["base_seed"], c, record["index"]):
+        differences.append("seed (not derived from run.json's base_seed)")
+    if differences:
+        raise ValueError(f"{where} (id {record['id']!r}) does not belong to the run described in "
+                         f"{shards.parent / RUN_FILE}: it differs in {differences}. The manifest is from another run; "
+                         "keep each dataset folder's run.json, manifest.jsonl and shards/ together, or regenerate.")
 
 
 def read_manifest(folder: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The run description and the per-image records of a generated dataset, validated."""
+    """The run description and the per-image records of a generated dataset, validated.
+
+    Raises:
+        FileNotFoundError: ``folder`` is not a finished generation run.
+        ValueError: a file is damaged, a record is malformed or unsafe, or the manifest belongs to another run.
+    """
     folder = Path(folder)
     if not (folder / MANIFEST_FILE).is_file() or not (folder / RUN_FILE).is_file():
         raise FileNotFoundError(f"{folder} is not a finished lbgen generation run (no {MANIFEST_FILE} / "
                                 f"{RUN_FILE}); run or resume `lbgen predict` into it first.")
-    run = json.loads((folder / RUN_FILE).read_text())
-    records = [json.loads(line) for line in (folder / MANIFEST_FILE).read_text().splitlines() if line]
-    required = {"id", "class_index", "shard", "seed", "prompt", "method"}
-    for record in records:
-        if not required <= set(record):
-            raise ValueError(f"{folder / MANIFEST_FILE}: record {record.get('id')} lacks {required - set(record)}.")
+    run = _read_json(folder / RUN_FILE, "run description")
+    if not isinstance(run, dict):
+        raise ValueError(f"{folder / RUN_FILE} holds a {type(run).__name__}, not a run description; regenerate.")
+    requests = run.get("requests")
+    names = requests.get("class_names") if isinstance(requests, dict) else None
+    if names is not None:
+        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"{folder / RUN_FILE}: requests.class_names must be a list of non-empty names, got "
+                             f"{names!r}; regenerate the dataset.")
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"{folder / RUN_FILE} names classes {duplicates} more than once; every class needs a "
+                             "distinct name: regenerate with distinct class_names.")
+    records, seen = [], set()
+    existing = {p.name for p in (folder / SHARD_DIR).glob("*.tar") if p.is_file()}
+    for number, line in enumerate((folder / MANIFEST_FILE).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{folder / MANIFEST_FILE}, line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where} is not valid JSON ({err}): the manifest is damaged; rerun the same "
+                             "`lbgen predict` command to rewrite it from the shards.") from None
+        _check_record(record, where, run, folder / SHARD_DIR, existing)
+        if record["id"] in seen:
+            raise ValueError(f"{where}: image {record['id']!r} appears twice; the manifest is damaged: rerun the "
+                             "same `lbgen predict` command to rewrite it from the shards.")
+        seen.add(record["id"])
+        records.append(record)
     return run, records
 
 
@@ -44,12 +124,26 @@ def load_images(folder: str | Path, records: list[dict[str, Any]], image_size: i
     for shard, positions in wanted.items():
         with tarfile.open(folder / SHARD_DIR / shard) as tar:
             for i in positions:
-                member = tar.extractfile(records[i]["id"] + ".png")
-                image = Image.open(io.BytesIO(member.read())).convert("RGB")
-                if image.size != (image_size, image_size):
-                    image = image.resize((image_size, image_size), Image.BICUBIC)
-                out[i] = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+                out[i] = _decode_png(tar, folder / SHARD_DIR / shard, records[i]["id"], image_size)
     return out
+
+
+def _png_bytes(tar: tarfile.TarFile, shard: Path, image_id: str) -> bytes:
+    try:
+        return tar.extractfile(image_id + ".png").read()
+    except KeyError:
+        raise ValueError(f"{shard} has no image {image_id}.png although the manifest lists it there: the manifest is "
+                         "from another run or the shard was replaced; regenerate the dataset.") from None
+
+
+def _decode_png(tar: tarfile.TarFile, shard: Path, image_id: str, image_size: int) -> torch.Tensor:
+    try:
+        image = Image.open(io.BytesIO(_png_bytes(tar, shard, image_id))).convert("RGB")
+    except OSError as err:
+        raise ValueError(f"{image_id}.png in {shard} cannot be decoded ({err}); regenerate the dataset.") from err
+    if image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.BICUBIC)
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
 
 
 class SyntheticDataModule(ImageClassificationDataModule):
@@ -68,8 +162,9 @@ class SyntheticDataModule(ImageClassificationDataModule):
         self.folder = Path(folder)
         self.run, records = read_manifest(self.folder)
         names = (self.run.get("requests") or {}).get("class_names")
-        if not names:
-            raise ValueError(f"{self.folder / RUN_FILE} does not name its classes.")
+        if not names:  # read_manifest checked their form when present
+            raise ValueError(f"{self.folder / RUN_FILE} does not name its classes (requests.class_names); it was not "
+                             "written by lbgen's generation stage: regenerate the dataset.")
         self._names = list(names)
         if max_per_class is not None:
             kept, seen = [], {}
@@ -94,6 +189,9 @@ class SyntheticDataModule(ImageClassificationDataModule):
 
     def load_test(self):
         raise ValueError("A synthetic dataset has no test set: test on real data (MixedDataModule does).")
+
+    def val_dataloader(self) -> list:
+        return []  # no synthetic hold-out: validate on real data (MixedDataModule does); alone, training just runs
 
     def setup(self, stage: str) -> None:
         images, labels = self.pool
@@ -126,12 +224,15 @@ class MixedDataModule(L.LightningDataModule):
                  synthetic_fraction: float | None = None, samples_per_epoch: int | None = None) -> None:
         super().__init__()
         if real.class_names != synthetic.class_names:
-            raise ValueError(f"Synthetic classes {synthetic.class_names} differ from real classes "
-                             f"{real.class_names}: generate with the same class list.")
+            raise ValueError(f"Synthetic classes {synthetic.class_names} (from {synthetic.folder}) differ from real "
+                             f"classes {real.class_names}: generate with the real DataModule's class list, or use the "
+                             "dataset generated for these classes.")
         if synthetic_fraction is not None and not 0.0 <= synthetic_fraction <= 1.0:
             raise ValueError(f"synthetic_fraction must be in [0, 1], got {synthetic_fraction}.")
         if synthetic.image_size != real.image_size:
-            raise ValueError(f"synthetic image_size {synthetic.image_size} differs from real {real.image_size}.")
+            raise ValueError(f"synthetic image_size {synthetic.image_size} differs from real {real.image_size}: set "
+                             "both DataModules' image_size to the classifier's input size (synthetic images are "
+                             "resized to it whatever size they were generated at).")
         self.real, self.synthetic = real, synthetic
         self.synthetic_fraction, self.samples_per_epoch = synthetic_fraction, samples_per_epoch
         self.train_dataset: Dataset | None = None
@@ -143,6 +244,11 @@ class MixedDataModule(L.LightningDataModule):
     @property
     def num_classes(self) -> int:
         return self.real.num_classes
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square images of both sources (the classifier checks that it can take them)."""
+        return self.real.image_size
 
     @property
     def train_class_counts(self) -> list[int]:
@@ -174,22 +280,33 @@ class MixedDataModule(L.LightningDataModule):
         return self.real.test_dataloader()
 
 
+MAX_NAME_CHARS = 64
+
+
 def safe_folder_name(class_index: int, name: str) -> str:
-    """A path-safe, unique folder name for a class: its index plus the name with anything unusual replaced."""
-    cleaned = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "-_ ") else "_" for ch in name).strip(" ._")
-    return f"{class_index:04d}_{cleaned.replace(' ', '_') or 'class'}"
+    """A path-safe, unique folder name for a class: its index plus the name with anything unusual replaced.
+
+    Only ASCII letters, digits, ``-`` and ``_`` survive (``/``, ``..``, leading dots, non-ASCII and control characters
+    become ``_``), and the name is cut to ``MAX_NAME_CHARS``; the index keeps names that clean alike apart.
+    """
+    if not isinstance(class_index, int) or class_index < 0:
+        raise ValueError(f"class_index must be a non-negative integer, got {class_index!r}.")
+    cleaned = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "-_") else "_" for ch in str(name))
+    return f"{class_index:04d}_{cleaned[:MAX_NAME_CHARS].strip('_-') or 'class'}"
 
 
 def export_image_folder(folder: str | Path, out: str | Path) -> Path:
     """Copy a generated dataset into plain files: ``out/<index>_<class>/<id>.png`` + ``out/metadata.jsonl``.
 
     ``metadata.jsonl`` has one line per image: ``file_name`` (relative to ``out``) and the manifest record.
-    Class names never become raw paths ("T-shirt/top" becomes ``0000_T-shirt_top``).
+    Class names never become raw paths ("T-shirt/top" becomes ``0000_T-shirt_top``, ".." ``0001_class``), and
+    record ids are checked to be plain file names when the manifest is read.
     """
     folder, out = Path(folder), Path(out)
     run, records = read_manifest(folder)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose a new folder.")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty folder; nothing was written: choose a new folder "
+                              "for the export.")
     by_shard: dict[str, list[dict[str, Any]]] = {}
     for record in records:
         by_shard.setdefault(record["shard"], []).append(record)
@@ -200,7 +317,7 @@ def export_image_folder(folder: str | Path, out: str | Path) -> Path:
                 relative = Path(safe_folder_name(record["class_index"], record.get("class_name", ""))) / (
                     record["id"] + ".png")
                 (out / relative).parent.mkdir(parents=True, exist_ok=True)
-                (out / relative).write_bytes(tar.extractfile(record["id"] + ".png").read())
+                (out / relative).write_bytes(_png_bytes(tar, folder / SHARD_DIR / shard, record["id"]))
                 lines.append(json.dumps({"file_name": relative.as_posix(), **record}, sort_keys=True))
     (out / "metadata.jsonl").write_text("\n".join(sorted(lines)) + "\n")
     return out
