@@ -132,7 +132,8 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LBGenCLI:
         subclass_mode_data=True,
         args=args,
         run=run,
-        parser_kwargs={"description": DESCRIPTION, "formatter_class": _HelpFormatter},
+        # allow_abbrev off: argparse would silently read a misspelled --trainer.max_step as max_steps
+        parser_kwargs={"description": DESCRIPTION, "formatter_class": _HelpFormatter, "allow_abbrev": False},
         auto_configure_optimizers=False,
     )
 

@@ -203,6 +203,9 @@ def test_unknown_or_misspelled_config_keys_are_named(tmp_path, capsys, previous_
     assert "does not accept option 'trainer.max_stepz'" in err and "fit --help" in err
     typo = _recipe(tmp_path, lambda c: c["data"]["init_args"].update(val_per_clas=3))
     assert "Option 'val_per_clas' is not accepted" in _cli_error(capsys, "fit", "-c", str(typo), root)
+    # argparse's abbreviations would read a truncated key as the full one, silently
+    assert "unrecognized arguments: --trainer.max_step=3" in _cli_error(capsys, "fit", "-c", recipe, root,
+                                                                        "--trainer.max_step=3")
     assert snapshot(previous_run) == before  # nothing written, nothing replaced
 
 
