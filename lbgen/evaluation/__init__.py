@@ -1,8 +1,11 @@
-"""Evaluation protocols: long-tail buckets, label consistency, accuracy tables."""
+"""Evaluation protocols: few-shot episodes, long-tail buckets, label consistency, exchange rate, accuracy tables."""
 
+from lbgen.evaluation.exchange_rate import ExchangeRateFit, exchange_points, fit_exchange_rate
+from lbgen.evaluation.fewshot import evaluate_episodes, extract_features, mean_ci, sample_episodes
 from lbgen.evaluation.label_consistency import label_consistency, oracle_predictions
 from lbgen.evaluation.longtail import BUCKETS, bucket_accuracy, class_buckets, is_imbalanced
 from lbgen.evaluation.summary import accuracy_table
 
-__all__ = ["BUCKETS", "accuracy_table", "bucket_accuracy", "class_buckets", "is_imbalanced", "label_consistency",
-           "oracle_predictions"]
+__all__ = ["BUCKETS", "ExchangeRateFit", "accuracy_table", "bucket_accuracy", "class_buckets", "evaluate_episodes",
+           "exchange_points", "extract_features", "fit_exchange_rate", "is_imbalanced", "label_consistency", "mean_ci",
+           "oracle_predictions", "sample_episodes"]
