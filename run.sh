@@ -5,7 +5,8 @@
 #   ./run.sh test         set up, then run the test suite
 #   ./run.sh setup        only set up
 # Environment: VENV (default .venv), RUN_DIR (quickstart outputs, default ~/lbgen-runs), PYTHON (default python3),
-#              LBGEN_FASHION_MNIST (folder with the four Fashion-MNIST idx .gz files, if not the Debian package's).
+#              LBGEN_FASHION_MNIST (folder with the four Fashion-MNIST idx .gz files, if not the Debian package's),
+#              LBGEN_QUICKSTART_CONTEXTUAL=0 (skip the contextual benchmark and its embedded models: ~30 min less).
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${VENV:-.venv}
@@ -115,6 +116,10 @@ quickstart() {
       --data.init_args.synthetic.init_args.folder "runs/synthetic/$m" --trainer.default_root_dir "runs/classifier/$m"
     table+=("5-shot real + 100/class $m=runs/classifier/$m")
   done
+  echo
+  log "5-shot Fashion-MNIST, top-1 on the 10k test set (outputs in $out/runs)"
+  "$VENV/bin/python" -m lbgen.evaluation.summary "${table[@]}"
+  if [ "${LBGEN_QUICKSTART_CONTEXTUAL:-1}" = 0 ]; then return; fi
   # The contextual benchmark (objects on photographs, 90% of a class's training images on its own background): its
   # own embedded VAE and generator, then real only vs DataDream vs BOB (attributes: the benchmark's exact records)
   stage runs/embedded/contextual/vae/config.json fit -c "$repo/configs/generator/fashion_vae.yaml" \
@@ -147,9 +152,6 @@ quickstart() {
       --trainer.default_root_dir "runs/classifier/contextual_$m"
     contextual+=("contextual, 5-shot real + 100/class $m=runs/classifier/contextual_$m")
   done
-  echo
-  log "5-shot Fashion-MNIST, top-1 on the 10k test set (outputs in $out/runs)"
-  "$VENV/bin/python" -m lbgen.evaluation.summary "${table[@]}"
   echo
   log "5-shot contextual Fashion-MNIST (bias 0.9), top-1 on its 10k test set (backgrounds independent of the class)"
   "$VENV/bin/python" -m lbgen.evaluation.summary "${contextual[@]}"
