@@ -132,6 +132,12 @@ def test_marginalised_attributes_are_independent_of_the_class(tmp_path):
 
 def test_generation_attribute_options_are_checked(tmp_path):
     path = biased_bank().save(tmp_path / "attributes.json")
+    edited = biased_bank()
+    edited.records[0]["background"] = "gravel" if edited.records[0]["background"] != "gravel" else "brick wall"
+    other = edited.save(tmp_path / "edited.json")
+    described = [GenerationRequestsDataModule(class_names=CLASSES, attribute_sampling="bob", attribute_bank=str(p),
+                                              prompt_template=DEFAULT_CAPTION).describe() for p in (path, other)]
+    assert described[0] != described[1]  # a resumed generation refuses an edited bank
     with pytest.raises(ValueError, match="needs attribute_bank"):
         GenerationRequestsDataModule(class_names=CLASSES, attribute_sampling="bob", prompt_template=DEFAULT_CAPTION)
     with pytest.raises(ValueError, match="uses attributes"):

@@ -6,6 +6,7 @@ by a person, and is reused by the fine-tune (attribute captions) and by generati
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
+from lbgen.components.files import read_json
 
 BANK_FORMAT = "lbgen-attribute-bank/1"
 ATTRIBUTE_KEYS = ("background", "pose")
@@ -161,6 +164,10 @@ class AttributeBank:
             return self.records[int(rows[int(rng.integers(len(rows)))])]
         raise ValueError(f"Unknown attribute sampling {sampling!r}; choose 'none', 'bob' or 'conditioned'.")
 
+    def digest(self) -> str:
+        """SHA-256 of the records: a resumed generation must draw from the same bank."""
+        return hashlib.sha256(json.dumps(self.records, sort_keys=True).encode()).hexdigest()
+
     def counts(self, key: str) -> dict[str, int]:
         """How often each value of an attribute occurs (for a person reviewing the bank)."""
         values, counts = np.unique([r[key] for r in self.records], return_counts=True)
@@ -188,10 +195,7 @@ class AttributeBank:
         if not path.is_file():
             raise FileNotFoundError(f"Attribute bank {path} does not exist; write one with "
                                     "`lbgen predict -c configs/bob/attributes.yaml` (see the README, BOB).")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"Attribute bank {path} is not valid JSON ({err}).") from None
+        data = read_json(path, "the attribute bank is damaged: fix it by hand or extract it again.")
         if not isinstance(data, dict) or data.get("format") != BANK_FORMAT:
             raise ValueError(f"{path} is not an lbgen attribute bank (format {BANK_FORMAT!r} expected).")
         if not isinstance(data.get("records"), list) or not isinstance(data.get("class_names"), list):

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import functools
 import gzip
-import json
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from lbgen.components.files import read_json
 from lbgen.components.lora import load_lora
 
 SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
@@ -109,11 +109,7 @@ def _check_pipeline_folder(path: Path, trust_remote_code: bool) -> None:
     if not path.is_dir() or not index_file.is_file():
         raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json). Pass a folder "
                                 "written by `save_pretrained` / lbgen's generator stage, or a hub id.")
-    try:
-        index = json.loads(index_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{index_file} is not valid JSON ({err}); the generator folder is damaged: save or copy it "
-                         "again.") from None
+    index = read_json(index_file, "the generator folder is damaged: save or copy it again.")
     if not isinstance(index, dict):
         raise ValueError(f"{index_file} is not a diffusers model index; save or copy the generator folder again.")
     # diffusers imports <component>/<library>.py when model_index.json names such a library: code in the folder

@@ -7,7 +7,6 @@ of processes, and a resumed run recomputes exactly the chunks an uninterrupted r
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lbgen.attributes.bank import AttributeBank, Sampling, attribute_caption, template_uses_attributes
+from lbgen.components.files import read_json
 from lbgen.datamodules.base import ImageClassificationDataModule
 
 Method = Literal["txt2img", "img2img", "img2img_low", "img2img_high", "genie"]
@@ -176,7 +176,7 @@ class GenerationRequestsDataModule(L.LightningDataModule):
                 "prompt_template": self.prompt_template, "superclass": self.superclass,
                 "negative_prompt": self.negative_prompt, "genie_sources": self.genie_sources,
                 "top_k": self.top_k, "batch_size": self.batch_size, "attribute_sampling": self.attribute_sampling,
-                "attribute_bank_records": len(self.bank) if self.bank else 0, "descriptor": self.descriptor}
+                "attribute_bank_sha256": self.bank.digest() if self.bank else None, "descriptor": self.descriptor}
 
     def skip(self, done_ids: set[str]) -> None:
         """Leave out chunks whose requests are all done (called by the dataset writer when resuming)."""
@@ -188,11 +188,7 @@ class GenerationRequestsDataModule(L.LightningDataModule):
             raise FileNotFoundError(f"confusion_file {path} does not exist: run `lbgen test` of a classifier on these "
                                     "classes (it writes confusion_matrix.json into its run directory), or set "
                                     "genie_sources='random'.")
-        try:
-            record = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"confusion_file {path} is not valid JSON ({err}); point it at the "
-                             "confusion_matrix.json written by `lbgen test`.") from None
+        record = read_json(path, "point confusion_file at the confusion_matrix.json written by `lbgen test`.")
         if not isinstance(record, dict) or "matrix" not in record:
             raise ValueError(f"confusion_file {path} has no 'matrix'; point it at the confusion_matrix.json written "
                              "by `lbgen test`.")

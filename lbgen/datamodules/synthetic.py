@@ -16,20 +16,13 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, WeightedRandomSampler, default_collate
 
 from lbgen.callbacks.dataset_writer import MANIFEST_FILE, RUN_FILE, SHARD_DIR
+from lbgen.components.files import read_json
 from lbgen.datamodules.base import SYNTHETIC, ClassificationDataset, ImageClassificationDataModule, TensorImageSource
 from lbgen.datamodules.requests import request_seed
 from lbgen.datamodules.transforms import augmentation_preset
 
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 """What a record's ``id`` and ``shard`` must look like: they become file names, so no separators, no ``..``."""
-
-
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}): the {what} is damaged; regenerate the dataset, or "
-                         "resume the `lbgen predict` run that writes it.") from None
 
 
 def _check_record(record: Any, where: str, run: dict[str, Any], shards: Path, existing: set[str]) -> None:
@@ -81,7 +74,8 @@ def read_manifest(folder: str | Path) -> tuple[dict[str, Any], list[dict[str, An
     if not (folder / MANIFEST_FILE).is_file() or not (folder / RUN_FILE).is_file():
         raise FileNotFoundError(f"{folder} is not a finished lbgen generation run (no {MANIFEST_FILE} / "
                                 f"{RUN_FILE}); run or resume `lbgen predict` into it first.")
-    run = _read_json(folder / RUN_FILE, "run description")
+    run = read_json(folder / RUN_FILE, "the run description is damaged; regenerate the dataset, or resume the "
+                                       "`lbgen predict` run that writes it.")
     if not isinstance(run, dict):
         raise ValueError(f"{folder / RUN_FILE} holds a {type(run).__name__}, not a run description; regenerate.")
     requests = run.get("requests")
