@@ -93,7 +93,7 @@ def test_fashion_mnist_reader_and_split_record(fmnist_fixture, tmp_path):
     assert len(dm.train_dataset) == 50 and len(dm.val_dataset) == 40 and len(dm.test_dataset) == 60
     assert dm.train_class_counts == [5] * 10
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"image", "label", "source", "index"}
+    assert set(batch) == {"image", "label", "source", "index", "sample_key"}  # the key seeds per-sample draws
     path = dm.save_split(tmp_path)
     record = json.loads(path.read_text())
     assert len(record["train"]) == 50 and record["train"][0].startswith("train:")

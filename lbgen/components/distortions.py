@@ -48,9 +48,11 @@ def distortion_strength(kind: str, level: int, num_levels: int) -> float:
 
 
 def blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian blur with a kernel of +-3 sigma (reflect padding)."""
+    """Gaussian blur with a kernel of +-3 sigma (reflect padding), in the images' dtype even under autocast (the
+    damage is data: a mixed-precision step must see the same pixels as an fp32 one)."""
     size = 2 * int(np.ceil(3 * sigma)) + 1
-    return gaussian_blur(images, [size, size], [sigma, sigma])
+    with torch.autocast(images.device.type, enabled=False):
+        return gaussian_blur(images, [size, size], [sigma, sigma])
 
 
 def add_noise(images: torch.Tensor, std: float, generator: torch.Generator | None = None) -> torch.Tensor:

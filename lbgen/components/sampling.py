@@ -19,7 +19,8 @@ def make_sampler(name: str, config: dict) -> SchedulerMixin:
 
 def sample_latents(unet: nn.Module, scheduler: SchedulerMixin, latents: torch.Tensor, cond: torch.Tensor,
                    uncond: torch.Tensor | None, guidance_scale: float, num_steps: int, grad_steps: int,
-                   checkpointing: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+                   checkpointing: bool = False,
+                   generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
     """Denoise ``latents`` (already scaled by ``init_noise_sigma``) in ``num_steps`` steps with classifier-free
     guidance; autograd records only the last ``grad_steps`` UNet calls, so memory grows with K, not with steps.
 
@@ -33,7 +34,7 @@ def sample_latents(unet: nn.Module, scheduler: SchedulerMixin, latents: torch.Te
         num_steps: sampler steps.
         grad_steps: K, the last steps with gradients (0: none).
         checkpointing: recompute each graded UNet call in backward instead of storing its activations.
-        generator: randomness of stochastic samplers (DDPM).
+        generator: randomness of stochastic samplers (DDPM); a list: one per image.
     """
     if not 0 <= grad_steps <= num_steps:
         raise ValueError(f"grad_steps must be in [0, num_steps={num_steps}], got {grad_steps}.")

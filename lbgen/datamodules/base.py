@@ -11,8 +11,11 @@ from typing import Any, Literal, Protocol
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, default_collate
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
+from lbgen.components.randomness import derive_seed
+from lbgen.datamodules.sampling import KeyedDataset, SeededDistributedSampler, world
 from lbgen.datamodules.splits import Split, make_split
 from lbgen.datamodules.transforms import Augmentation, BatchMix, MixCollate, augmentation_preset, eval_transform
 
@@ -67,8 +70,15 @@ class ClassificationDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         position = int(self.positions[i])
-        return {"image": self.transform(self.images.load(position)), "label": int(self.labels[position]),
-                "source": self.source, "index": position}
+        image = self.images.load(position)
+        key = getattr(i, "key", None)
+        if key is None:
+            image = self.transform(image)
+        else:  # augmentation seeded by the sample's key: the same with any number of processes or workers
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(derive_seed("lbgen-augment", key))
+                image = self.transform(image)
+        return {"image": image, "label": int(self.labels[position]), "source": self.source, "index": position}
 
 
 class ImageClassificationDataModule(L.LightningDataModule):
@@ -229,19 +239,26 @@ class ImageClassificationDataModule(L.LightningDataModule):
             self.test_dataset = ClassificationDataset(test_images, np.arange(len(test_labels)), test_labels,
                                                       eval_transform())
         trainer = self.trainer
-        if trainer is not None and trainer.is_global_zero and trainer.log_dir and not trainer.fast_dev_run:
-            self.save_split(trainer.log_dir)
+        log_dir = trainer.log_dir if trainer is not None else None  # a collective under DDP: every process asks
+        if trainer is not None and trainer.is_global_zero and log_dir and not trainer.fast_dev_run:
+            self.save_split(log_dir)
 
     def _loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
         collate = (MixCollate(self.batch_mix, self.num_classes, self.mix_alpha)
                    if train and self.batch_mix != "none" else default_collate)
-        sampler = None
-        if train and self.samples_per_epoch:
-            sampler = RandomSampler(dataset, num_samples=self.samples_per_epoch)
+        sampler: DistributedSampler | None = None
+        if train:
+            # one seeded global order per epoch, split by rank: the same global batches with any number of
+            # processes (at batch_size / world), and a sample key that seeds each sample's own randomness
+            sampler = SeededDistributedSampler(dataset, num_samples=self.samples_per_epoch)
+            dataset = KeyedDataset(dataset)
+        elif world()[0] > 1:
+            # evaluation on several processes: every sample exactly once (Lightning's default pads with repeats,
+            # which would count some test images twice)
+            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
         return DataLoader(dataset, batch_size=self.batch_size if train else self.eval_batch_size,
-                          shuffle=train and sampler is None, sampler=sampler, collate_fn=collate,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available())
+                          sampler=sampler, collate_fn=collate, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, train=True)

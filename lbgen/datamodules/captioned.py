@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lbgen.attributes.bank import DEFAULT_CAPTION, AttributeBank, attribute_caption, template_uses_attributes
+from lbgen.components.randomness import derive_seed
 from lbgen.datamodules.base import ClassificationDataset, ImageClassificationDataModule
 
 
@@ -24,7 +25,9 @@ class CaptionedDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         sample = self.base[i]
-        if self.attribute_dropout and torch.rand(()).item() < self.attribute_dropout:
+        key = getattr(i, "key", None)  # seeded per sample when the index carries a key (lbgen's training order)
+        generator = None if key is None else torch.Generator().manual_seed(derive_seed("lbgen-caption", key))
+        if self.attribute_dropout and torch.rand((), generator=generator).item() < self.attribute_dropout:
             sample["caption"] = self.plain[sample["label"]]
         else:
             sample["caption"] = self.captions[self.base.images.sample_id(sample["index"])]

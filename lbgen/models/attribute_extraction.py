@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lbgen.attributes.bank import AttributeBank
 from lbgen.attributes.extractors import AttributeExtractor
+from lbgen.models.text_to_image import low_precision_setup
 
 BANK_FILE = "attributes.json"
 
@@ -53,6 +54,7 @@ class AttributeExtractionSystem(L.LightningModule):
         self.class_names = self.class_names or datamodule.class_names
         if self.extractor is not None:
             self.extractor.prepare(self.class_names)
+            low_precision_setup(self, [self.extractor], lora=False)  # a frozen judge: bf16 / fp16 under *16
         elif not hasattr(datamodule, "attribute_phrases"):
             raise ValueError(f"No extractor given and {type(datamodule).__name__} has no exact attribute records; "
                              "set model.init_args.extractor (ClipAttributeExtractor or CaptionerAttributeExtractor).")
@@ -77,7 +79,7 @@ class AttributeExtractionSystem(L.LightningModule):
                                   "background": d["background"], "pose": d["pose"], "extractor": extractor_id})
 
     def on_predict_epoch_end(self) -> None:
-        records = self._records
+        records, path = self._records, self._path()  # _path may ask trainer.log_dir: a collective, all ranks
         if dist.is_available() and dist.is_initialized():
             gathered: list[list[dict[str, Any]]] = [[] for _ in range(dist.get_world_size())]
             dist.all_gather_object(gathered, records)
@@ -97,6 +99,6 @@ class AttributeExtractionSystem(L.LightningModule):
         bank = AttributeBank(records=sorted(unique.values(), key=lambda r: (r["class_index"], r["id"])),
                              class_names=list(self.class_names), descriptor=descriptor, extractor=extractor,
                              meta=meta)
-        path = bank.save(self._path())
+        path = bank.save(path)
         rank_zero_info(f"Attribute bank: {len(bank)} images -> {path}\n  backgrounds: {bank.counts('background')}\n"
                        f"  poses: {bank.counts('pose')}")

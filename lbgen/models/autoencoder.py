@@ -12,6 +12,7 @@ from diffusers import AutoencoderKL
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 
+from lbgen.components import randomness
 from lbgen.models.classifier import unpack_batch
 from lbgen.models.optim import configure_optimizers, ensure_finite
 
@@ -34,6 +35,7 @@ class AutoencoderTrainer(L.LightningModule):
         scheduler: learning-rate scheduler factory, stepped every step (``OneCycleLR`` without ``total_steps``
             gets the run's step count).
         output_dir: where to save the VAE (a stable path later stages can name); default <run dir>/vae.
+        seed: base of each training sample's latent draw (seeded per sample by lbgen's training loaders).
         num_classes: accepted for the CLI's data link; unused.
         class_names: accepted for the CLI's data link; unused.
     """
@@ -41,10 +43,11 @@ class AutoencoderTrainer(L.LightningModule):
     def __init__(self, image_size: int = 32, block_out_channels: tuple[int, ...] = (32, 64, 64),
                  latent_channels: int = 4, layers_per_block: int = 1, mse_weight: float = 1.0,
                  l1_weight: float = 1.0, kl_weight: float = 1e-6, optimizer: OptimizerCallable = torch.optim.AdamW,
-                 scheduler: LRSchedulerCallable | None = None, output_dir: str | None = None,
+                 scheduler: LRSchedulerCallable | None = None, output_dir: str | None = None, seed: int = 0,
                  num_classes: int | None = None, class_names: list[str] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.seed = seed
         groups = min(32, *block_out_channels)
         self.vae = AutoencoderKL(
             in_channels=3, out_channels=3, block_out_channels=tuple(block_out_channels),
@@ -58,11 +61,13 @@ class AutoencoderTrainer(L.LightningModule):
         # running second moment of the latents, for the scaling factor (a buffer: it is checkpointed)
         self.register_buffer("latent_sq", torch.ones(()))
 
-    def loss_terms(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Named loss terms for images in [0, 1], and the sampled latents."""
+    def loss_terms(self, images: torch.Tensor, generators: list[torch.Generator] | None = None
+                   ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Named loss terms for images in [0, 1], and the sampled latents (drawn per sample from ``generators``
+        when given)."""
         x = images * 2 - 1
         posterior = self.vae.encode(x).latent_dist
-        z = posterior.sample()
+        z = posterior.sample(generator=generators)
         reconstruction = self.vae.decode(z).sample
         builders = {"mse": lambda: F.mse_loss(reconstruction, x), "l1": lambda: F.l1_loss(reconstruction, x),
                     "kl": lambda: posterior.kl().mean() / z[0].numel()}
@@ -70,14 +75,16 @@ class AutoencoderTrainer(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images, _, _ = unpack_batch(batch)
-        terms, z = self.loss_terms(images)
+        # the latent draw of each sample is seeded by its key: independent of the number of processes
+        terms, z = self.loss_terms(images, randomness.batch_generators(batch, "lbgen-vae", self.seed))
         loss = sum(self.weights[name] * term for name, term in terms.items())
         ensure_finite(terms, self.global_step)
         for name, term in terms.items():
             self.log(f"train/{name}", term, batch_size=len(images))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
-        with torch.no_grad():
-            self.latent_sq.lerp_(z.detach().float().pow(2).mean(), 0.02)
+        with torch.no_grad():  # the global batch's second moment: every process keeps the same estimate
+            second_moment = self.trainer.strategy.reduce(z.detach().float().pow(2).mean(), reduce_op="mean")
+            self.latent_sq.lerp_(second_moment, 0.02)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -101,6 +108,7 @@ class AutoencoderTrainer(L.LightningModule):
         return Path(folder)
 
     def on_train_end(self) -> None:
-        if self.trainer.is_global_zero and (self.output_dir or self.trainer.log_dir):
-            folder = self.save(Path(self.output_dir or Path(self.trainer.log_dir) / "vae"))
+        log_dir = self.trainer.log_dir  # a collective under DDP: every process must ask
+        if self.trainer.is_global_zero and (self.output_dir or log_dir):
+            folder = self.save(Path(self.output_dir or Path(log_dir) / "vae"))
             rank_zero_info(f"VAE saved to {folder} (latent scaling factor {self.scaling_factor:.4f})")

@@ -123,6 +123,10 @@ class ImageClassifier(L.LightningModule):
         image_size = getattr(getattr(self.trainer, "datamodule", None), "image_size", None)
         if isinstance(image_size, int):
             self.check_input_size(image_size)
+        if self.finetune == "linear":  # a frozen backbone goes to bf16 / fp16 under *16 precision, like every judge
+            from lbgen.models.text_to_image import low_precision_setup  # (that module imports this one)
+
+            low_precision_setup(self, [self.backbone], lora=False)
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
 
@@ -215,14 +219,14 @@ class ImageClassifier(L.LightningModule):
             for name, value in bucket_accuracy(per_class, buckets).items():
                 self.log(f"test/acc_{name}", value)
                 report[f"acc_{name}"] = value
+        log_dir = self.trainer.log_dir  # a collective under DDP: every process asks, rank 0 writes
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            self._write_report(per_class, confusion, counts, buckets, report)
+            self._write_report(per_class, confusion, counts, buckets, report, log_dir)
 
     def _write_report(self, per_class: list[float], confusion: list[list[int]], counts: list[int] | None,
-                      buckets: list[str] | None, report: dict[str, Any]) -> None:
+                      buckets: list[str] | None, report: dict[str, Any], log_dir: str | None) -> None:
         total = sum(map(sum, confusion))
         report["acc"] = sum(confusion[i][i] for i in range(len(confusion))) / max(total, 1)
-        log_dir = self.trainer.log_dir
         if log_dir:
             out = Path(log_dir)
             out.mkdir(parents=True, exist_ok=True)

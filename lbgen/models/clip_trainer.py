@@ -18,9 +18,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import save_file
 from torchmetrics.classification import MulticlassAccuracy
 
+from lbgen.components import randomness
 from lbgen.components.clip import ClipScorer
 from lbgen.models.classifier import unpack_batch
-from lbgen.models.optim import configure_optimizers, ensure_finite
+from lbgen.models.optim import configure_optimizers, ensure_finite, gather_global
 
 DEFAULT_MODEL_CONFIG: dict[str, Any] = {
     "embed_dim": 128,
@@ -68,6 +69,7 @@ class ClipTrainer(L.LightningModule):
         scheduler: learning-rate scheduler factory, stepped every step (``OneCycleLR`` without ``total_steps``
             gets the run's step count).
         output_dir: where to save the model (open_clip ``local-dir`` format); default <run dir>/clip.
+        seed: base of each training sample's template draw (seeded per sample by lbgen's training loaders).
         num_classes: number of classes (linked from the DataModule); checked against ``class_names``.
         class_names: the class names the captions are made of (linked from the DataModule).
     """
@@ -78,10 +80,11 @@ class ClipTrainer(L.LightningModule):
                  text_to_image_weight: float = 1.0, max_logit_scale: float = 100.0,
                  train_token_embedding: bool = False,
                  optimizer: OptimizerCallable = torch.optim.AdamW, scheduler: LRSchedulerCallable | None = None,
-                 output_dir: str | None = None, num_classes: int | None = None,
+                 output_dir: str | None = None, seed: int = 0, num_classes: int | None = None,
                  class_names: list[str] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.seed = seed
         if not class_names:
             raise ValueError("ClipTrainer needs class_names to write captions: lbgen's CLI links them from the data "
                              "(data.class_names); pass them when building the model by hand.")
@@ -123,11 +126,15 @@ class ClipTrainer(L.LightningModule):
         """L2-normalised features of every caption ``[classes * templates, D]`` (few: cheaper than one per image)."""
         return self.clip.model.encode_text(self.caption_tokens, normalize=True)
 
-    def loss_terms(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Named loss terms for images in [0, 1] and integer labels; each image gets a random template."""
+    def loss_terms(self, images: torch.Tensor, labels: torch.Tensor,
+                   generators: list[torch.Generator] | None = None) -> dict[str, torch.Tensor]:
+        """Named loss terms for images in [0, 1] and integer labels; each image gets a random template (drawn from
+        its own generator when given). Under DDP the loss is over the global batch (features gathered)."""
         image_features = self.clip.encode_images(images)
-        template = torch.randint(len(self.templates), labels.shape, device=labels.device)
+        template = randomness.randint(len(self.templates), generators, len(labels), labels.device)
         text_features = self.encode_captions()[labels * len(self.templates) + template]
+        image_features, text_features = gather_global(self, image_features), gather_global(self, text_features)
+        labels = gather_global(self, labels)
         logits = self.logit_scale * image_features @ text_features.t()
         image_to_text, text_to_image = label_contrastive_loss(logits, labels)
         terms = {"image_to_text": image_to_text, "text_to_image": text_to_image}
@@ -137,7 +144,7 @@ class ClipTrainer(L.LightningModule):
         images, labels, _ = unpack_batch(batch)
         if labels.ndim != 1:
             raise ValueError("ClipTrainer needs integer labels; turn off the DataModule's batch_mix.")
-        terms = self.loss_terms(images, labels)
+        terms = self.loss_terms(images, labels, randomness.batch_generators(batch, "lbgen-clip", self.seed))
         loss = sum(self.weights[name] * term for name, term in terms.items())
         ensure_finite(terms, self.global_step)
         for name, term in terms.items():
@@ -189,7 +196,8 @@ class ClipTrainer(L.LightningModule):
         return folder
 
     def on_train_end(self) -> None:
-        if self.trainer.is_global_zero and (self.output_dir or self.trainer.log_dir):
-            folder = self.save(Path(self.output_dir or Path(self.trainer.log_dir) / "clip"))
+        log_dir = self.trainer.log_dir  # a collective under DDP: every process must ask
+        if self.trainer.is_global_zero and (self.output_dir or log_dir):
+            folder = self.save(Path(self.output_dir or Path(log_dir) / "clip"))
             rank_zero_info(f"CLIP saved to {folder}; load it with ClipScorer(model_name='local-dir:{folder}', "
                            "pretrained=None)")

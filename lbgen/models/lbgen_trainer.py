@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -11,9 +10,11 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lbgen.components import randomness
 from lbgen.components.clip import ClipScorer
 from lbgen.components.diffusion import GeneratorSource
 from lbgen.components.lora import UNET_TARGETS, add_lora, save_lora
+from lbgen.components.randomness import derive_seed
 from lbgen.components.sampling import make_sampler, sample_latents
 from lbgen.losses.alignment import DatasetAlignmentLoss, InstanceAlignmentLoss
 from lbgen.losses.quality import QualityLoss
@@ -21,10 +22,10 @@ from lbgen.models.optim import ensure_finite
 from lbgen.models.text_to_image import class_caption, low_precision_setup
 
 
-def step_seed(base: int, step: int, rank: int) -> int:
-    """The noise seed of one training step on one process (a resumed run draws the same noise)."""
-    digest = hashlib.sha256(f"lbgen-step:{base}:{step}:{rank}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+def sample_seeds(base: Any, epoch: int, indices: torch.Tensor) -> list[int]:
+    """The noise seed of each class-name sample (its index in the epoch): a resumed run draws the same noise, and
+    W processes at batch B / W draw what 1 process at batch B does."""
+    return [derive_seed("lbgen-sample", base, epoch, int(i)) for i in indices.tolist()]
 
 
 class LbGenTrainer(L.LightningModule):
@@ -167,6 +168,7 @@ class LbGenTrainer(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         frozen_judges = [self.clip.model] if self.clip is not None else []
+        frozen_judges += [self.quality] if self.quality is not None else []
         low_precision_setup(self, [self.vae, self.text_encoder, self.unet, *frozen_judges], lora=True)
         if self.class_names is None:
             self.class_names = getattr(getattr(self.trainer, "datamodule", None), "class_names", None)
@@ -195,14 +197,20 @@ class LbGenTrainer(L.LightningModule):
         with torch.no_grad():
             return self.text_encoder(ids)[0]
 
-    def generate(self, labels: torch.Tensor, seed: int) -> torch.Tensor:
-        """Images in [0, 1] for class ``labels``; differentiable w.r.t. the LoRA through the last K steps."""
+    def generate(self, labels: torch.Tensor, seed: int | list[int]) -> torch.Tensor:
+        """Images in [0, 1] for class ``labels``; differentiable w.r.t. the LoRA through the last K steps.
+
+        ``seed``: one seed for the batch, or one per image (then each image's noise is its own)."""
         prompts = [class_caption(self.prompt_template, self.class_names[int(c)]) for c in labels]
         cond = self.encode_prompts(prompts)
         uncond = self.encode_prompts([""]).expand_as(cond) if self.guidance_scale > 1 else None
-        generator = torch.Generator().manual_seed(seed)
         channels, size = self.unet.config.in_channels, self.unet.config.sample_size
-        latents = torch.randn(len(labels), channels, size, size, generator=generator).to(self.device)
+        if isinstance(seed, int):
+            generator = torch.Generator().manual_seed(seed)
+            latents = torch.randn(len(labels), channels, size, size, generator=generator).to(self.device)
+        else:
+            generator = [torch.Generator().manual_seed(s) for s in seed]
+            latents = randomness.randn((len(labels), channels, size, size), generator, self.device)
         latents = latents * self.sampler.init_noise_sigma
         latents = sample_latents(self.unet, self.sampler, latents, cond, uncond, self.guidance_scale,
                                  self.num_inference_steps, self.grad_steps, self.gradient_checkpointing, generator)
@@ -235,7 +243,7 @@ class LbGenTrainer(L.LightningModule):
         step = int(self.steps_done)
         train_generator = d_opt is None or step >= self.warmup
         with torch.set_grad_enabled(train_generator):
-            images = self.generate(labels, step_seed(self.seed, step, self.global_rank))
+            images = self.generate(labels, sample_seeds(self.seed, self.current_epoch, batch["index"]))
         features = self.clip.encode_images(images).float() if self.clip is not None else None
 
         if d_opt is not None:  # the discriminator: class texts are "real", generated images "fake"
@@ -269,7 +277,7 @@ class LbGenTrainer(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Fixed prompts and seeds: CLIP zero-shot agreement with the prompted class, and each term's value."""
         labels = batch["label"]
-        images = self.generate(labels, step_seed(self.seed + 1, int(batch["index"][0]), 0))
+        images = self.generate(labels, sample_seeds(f"{self.seed}-val", 0, batch["index"]))
         metrics = {}
         if self.clip is not None:
             features = self.clip.encode_images(images).float()
@@ -286,6 +294,7 @@ class LbGenTrainer(L.LightningModule):
         return save_lora(folder, self.unet)
 
     def on_train_end(self) -> None:
-        if self.trainer.is_global_zero and (self.output_dir or self.trainer.log_dir):
-            path = self.save(Path(self.output_dir or Path(self.trainer.log_dir) / "lora"))
+        log_dir = self.trainer.log_dir  # a collective under DDP: every process must ask
+        if self.trainer.is_global_zero and (self.output_dir or log_dir):
+            path = self.save(Path(self.output_dir or Path(log_dir) / "lora"))
             rank_zero_info(f"lbGen LoRA saved to {path}")

@@ -19,10 +19,11 @@ from safetensors.torch import save_file
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from lbgen.components import randomness
 from lbgen.components.distortions import DISTORTIONS, distort_each
 from lbgen.losses.quality import QUALITY_CONFIG_FILE, QUALITY_WEIGHTS_FILE, QualityLoss
 from lbgen.models.classifier import unpack_batch
-from lbgen.models.optim import configure_optimizers, ensure_finite
+from lbgen.models.optim import configure_optimizers, ensure_finite, gather_global
 
 
 def pairwise_ranking_loss(scores: torch.Tensor, levels: torch.Tensor, margin: float) -> torch.Tensor:
@@ -127,13 +128,28 @@ class QualityTrainer(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images, _, _ = unpack_batch(batch)
-        generator = torch.Generator().manual_seed(batch_seed(self.seed, "train", self.global_step, self.global_rank))
         n = len(images)
-        both = torch.cat([images, images])
-        kinds = torch.randint(len(self.distortions), (2 * n,), generator=generator)
-        levels = torch.randint(self.num_levels + 1, (2 * n,), generator=generator)
-        damaged = distort_each(both, kinds, levels, self.distortions, self.num_levels, generator)
-        loss = pairwise_ranking_loss(self.score(damaged), levels.to(self.device), self.margin)
+        generators = randomness.batch_generators(batch, "lbgen-quality", self.seed)
+        if generators is None:  # a DataModule without sample keys: one draw per step and process
+            generator = torch.Generator().manual_seed(batch_seed(self.seed, "train", self.global_step,
+                                                                 self.global_rank))
+            kinds = torch.randint(len(self.distortions), (2 * n,), generator=generator)
+            levels = torch.randint(self.num_levels + 1, (2 * n,), generator=generator)
+            damaged = distort_each(torch.cat([images, images]), kinds, levels, self.distortions, self.num_levels,
+                                   generator)
+        else:  # each sample's two damaged copies from its own generator: the same with any number of processes
+            levels, copies = [], []
+            for image, generator in zip(images, generators, strict=True):
+                kind = torch.randint(len(self.distortions), (2,), generator=generator)
+                level = torch.randint(self.num_levels + 1, (2,), generator=generator)
+                copies.append(distort_each(image.expand(2, -1, -1, -1), kind, level, self.distortions,
+                                           self.num_levels, generator))
+                levels.append(level)
+            damaged, levels = torch.cat(copies), torch.cat(levels)
+        # over all pairs of the global batch (gathered under DDP), as with one process
+        scores = gather_global(self, self.score(damaged))
+        levels = gather_global(self, levels.to(self.device))
+        loss = pairwise_ranking_loss(scores, levels, self.margin)
         ensure_finite({"ranking": loss}, self.global_step)
         self.log("train/ranking", loss, prog_bar=True, batch_size=n)
         return loss
@@ -189,7 +205,8 @@ class QualityTrainer(L.LightningModule):
         return folder
 
     def on_train_end(self) -> None:
-        if self.trainer.is_global_zero and (self.output_dir or self.trainer.log_dir):
-            folder = self.save(Path(self.output_dir or Path(self.trainer.log_dir) / "quality"))
+        log_dir = self.trainer.log_dir  # a collective under DDP: every process must ask
+        if self.trainer.is_global_zero and (self.output_dir or log_dir):
+            folder = self.save(Path(self.output_dir or Path(log_dir) / "quality"))
             rank_zero_info(f"Quality model saved to {folder}; load it with QualityLoss(metric="
                            f"'{self.quality.metric_name}', checkpoint='{folder}')")

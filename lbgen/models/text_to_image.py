@@ -14,6 +14,7 @@ from diffusers.training_utils import EMAModel, cast_training_params, compute_snr
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 
+from lbgen.components import randomness
 from lbgen.components.diffusion import GeneratorSource
 from lbgen.components.lora import TEXT_TARGETS, UNET_TARGETS, add_lora, save_lora
 from lbgen.models.classifier import unpack_batch
@@ -73,6 +74,8 @@ class TextToImageTrainer(L.LightningModule):
             gets the run's step count).
         output_dir: where to save the generator / LoRA (a stable path later stages can name); default
             <run dir>/generator.
+        seed: base of each training sample's noise, timestep and caption-dropout draws (seeded per sample by
+            lbgen's training loaders, so 1 process at batch B and W processes at B / W train alike).
         num_classes: linked from the data.
         class_names: linked from the data.
     """
@@ -97,6 +100,7 @@ class TextToImageTrainer(L.LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
         output_dir: str | None = None,
+        seed: int = 0,
         num_classes: int | None = None,
         class_names: list[str] | None = None,
     ) -> None:
@@ -130,6 +134,7 @@ class TextToImageTrainer(L.LightningModule):
         self.class_names, self.superclass = class_names, superclass
         self.prompt_template, self.caption_dropout, self.snr_gamma = prompt_template, caption_dropout, snr_gamma
         self.optimizer_factory, self.scheduler_factory, self.output_dir = optimizer, scheduler, output_dir
+        self.seed = seed
         self._check_trainable()
         self.num_trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         rank_zero_info(f"{type(self).__name__} ({mode}): {self.num_trainable:,} trainable parameters")
@@ -172,18 +177,20 @@ class TextToImageTrainer(L.LightningModule):
                              truncation=True, return_tensors="pt").input_ids.to(self.device)
         return self.text_encoder(ids)[0][torch.as_tensor(inverse, device=self.device)]
 
-    def denoising_loss(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
-        """The (optionally min-SNR-weighted) denoising loss for images in [0, 1] and their captions."""
+    def denoising_loss(self, images: torch.Tensor, captions: list[str],
+                       generators: list[torch.Generator] | None = None) -> torch.Tensor:
+        """The (optionally min-SNR-weighted) denoising loss for images in [0, 1] and their captions; random draws
+        from ``generators`` (one per sample) when given, else from the global generator."""
         if self.caption_dropout:
-            drop = torch.rand(len(captions)) < self.caption_dropout
+            drop = randomness.rand(generators, len(captions)) < self.caption_dropout
             captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
         with torch.no_grad():
             x = (images * 2 - 1).to(self.vae.dtype)
-            latents = self.vae.encode(x).latent_dist.sample() * self.vae.config.scaling_factor
+            latents = self.vae.encode(x).latent_dist.sample(generator=generators) * self.vae.config.scaling_factor
         latents = latents.float()
-        noise = torch.randn_like(latents)
-        steps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),),
-                              device=latents.device)
+        noise = randomness.randn(latents.shape, generators, latents.device)
+        steps = randomness.randint(self.noise_scheduler.config.num_train_timesteps, generators, len(latents),
+                                   latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, steps)
         hidden = self.encode_prompts(captions)
         pred = self.unet(noisy.to(self.unet.dtype), steps, hidden.to(self.unet.dtype)).sample.float()
@@ -198,7 +205,8 @@ class TextToImageTrainer(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images, _, _ = unpack_batch(batch)
-        loss = self.denoising_loss(images, self.captions_for(batch))
+        generators = randomness.batch_generators(batch, "lbgen-t2i", self.seed)
+        loss = self.denoising_loss(images, self.captions_for(batch), generators)
         ensure_finite({"denoising": loss}, self.global_step)
         self.log("train/denoising", loss, prog_bar=True, batch_size=len(images))
         return loss
@@ -243,6 +251,7 @@ class TextToImageTrainer(L.LightningModule):
         return folder
 
     def on_train_end(self) -> None:
-        if self.trainer.is_global_zero and (self.output_dir or self.trainer.log_dir):
-            folder = self.save(Path(self.output_dir or Path(self.trainer.log_dir) / "generator"))
+        log_dir = self.trainer.log_dir  # a collective under DDP: every process must ask
+        if self.trainer.is_global_zero and (self.output_dir or log_dir):
+            folder = self.save(Path(self.output_dir or Path(log_dir) / "generator"))
             rank_zero_info(f"Generator ({self.mode}) saved to {folder}")
