@@ -155,6 +155,12 @@ def main(argv: list[str] | None = None) -> None:
     except SIGTERMException:
         # a terminated run must not look like a finished one to a scheduler: 128 + SIGTERM
         raise SystemExit(143) from None
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        # leave together: a process whose peer already exited can abort in gloo's exit-time clean-up
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +15,14 @@ import pytest
 import torch
 import yaml
 
+from lbgen.callbacks.dataset_writer import MANIFEST_FILE, complete_shards
 from lbgen.datamodules.sampling import KeyedIndex, SeededDistributedSampler
+from lbgen.datamodules.synthetic import read_manifest
 
 from .conftest import REPO
 from .reliability.test_resume import SYSTEMS, last_weights, tiny_recipe
 from .test_cli_and_configs import load_recipe, recipe_paths, shrink  # noqa: F401 (fixture)
+from .test_generation import pngs
 
 SGD = {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.05}}
 
@@ -142,3 +146,45 @@ def test_attribute_bank_from_two_processes_equals_one(recipe_paths, tmp_path):  
         run_lbgen("predict", "-c", str(out / "attributes.yaml"))
         banks[processes] = json.loads((out / "attributes.json").read_text())
     assert banks[1]["records"] == banks[2]["records"] and len(banks[1]["records"]) == 50
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_generation_on_two_torchrun_nodes_equals_one_process_and_resumes_on_one(recipe_paths, tmp_path):  # noqa: F811
+    """``torchrun`` on 2 "nodes" (2 launchers on this machine, ``num_nodes: 2``) makes the 1-process image set; a run
+    killed on 2 nodes is finished by 1 process (resume across a different number of ranks)."""
+    tree = shrink(load_recipe(REPO / "configs/generate/fashion_txt2img.yaml"), {**recipe_paths, "out": tmp_path})
+    tree["trainer"].update(accelerator="cpu", enable_progress_bar=False, default_root_dir=str(tmp_path / "runs"))
+    folders = {}
+    for layout in ("one", "nodes"):
+        tree["model"]["init_args"]["output_dir"] = folders[layout] = str(tmp_path / layout)
+        (tmp_path / f"{layout}.yaml").write_text(yaml.safe_dump(tree))
+    run_lbgen("predict", "-c", str(tmp_path / "one.yaml"))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    port = free_port()
+    launchers = [subprocess.Popen(
+        [str(Path(sys.executable).parent / "torchrun"), "--nnodes=2", f"--node-rank={node}", "--nproc-per-node=1",
+         "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "lbgen.cli", "predict", "-c",
+         str(tmp_path / "nodes.yaml"), "--trainer.num_nodes=2", "--trainer.devices=1", "--trainer.strategy=ddp"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    for launcher in launchers:
+        output, _ = launcher.communicate(timeout=300)
+        assert launcher.returncode == 0, output[-4000:]
+    one, nodes = Path(folders["one"]), Path(folders["nodes"])
+    assert pngs(nodes) == pngs(one) and len(pngs(one)) == 20
+    assert {s.name.split("-r")[1][:3] for s in complete_shards(nodes)} == {"000", "001"}  # each rank its shards
+    # as if killed: rank 1's shards and the manifest are gone; one process finishes the run
+    for shard in complete_shards(nodes):
+        if "-r001-" in shard.name:
+            shard.unlink()
+            shard.with_suffix(".jsonl").unlink()
+    (nodes / MANIFEST_FILE).unlink()
+    run_lbgen("predict", "-c", str(tmp_path / "nodes.yaml"))
+    assert pngs(nodes) == pngs(one)
+    assert [r["id"] for r in read_manifest(nodes)[1]] == [r["id"] for r in read_manifest(one)[1]]
