@@ -8,11 +8,13 @@ from lbgen.datamodules.fashion_mnist import CLASS_NAMES as FASHION_MNIST_CLASSES
 from lbgen.datamodules.fashion_mnist import FashionMNISTDataModule
 from lbgen.datamodules.image_folder import BadImageError, ImageFolderDataModule
 from lbgen.datamodules.requests import GenerationRequestsDataModule, request_seed
+from lbgen.datamodules.sampling import KeyedDataset, SeededDistributedSampler
 from lbgen.datamodules.splits import Split, long_tail_counts, make_split
 from lbgen.datamodules.synthetic import MixedDataModule, SyntheticDataModule, read_manifest
 
 __all__ = ["REAL", "SYNTHETIC", "FASHION_MNIST_CLASSES", "AttributeCaptionedDataModule", "BadImageError",
            "ClassNamesDataModule", "ClassificationDataset", "ContextualFashionMNISTDataModule",
            "FashionMNISTDataModule", "GenerationRequestsDataModule", "ImageClassificationDataModule",
-           "ImageFolderDataModule", "MixedDataModule", "Split", "SyntheticDataModule", "long_tail_counts",
+           "ImageFolderDataModule", "KeyedDataset", "MixedDataModule", "SeededDistributedSampler",
+           "Split", "SyntheticDataModule", "long_tail_counts",
            "make_split", "read_manifest", "request_seed"]
