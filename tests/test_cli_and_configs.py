@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +43,12 @@ def shrink(node, paths: dict[str, Path]):
         if args.get("shots"):
             args["shots"] = min(args["shots"], 5)
     elif name == "SyntheticDataModule":
-        args.update(folder=str(paths["synthetic"]), image_size=16)
+        folder = paths["synthetic"]
+        if args.get("predict_split") == "train" and "out" in paths:  # a scorer writes into it: score a copy
+            folder = paths["out"] / "scored_copy"
+            if not folder.exists():
+                shutil.copytree(paths["synthetic"], folder)
+        args.update(folder=str(folder), image_size=16)
     elif name == "MixedDataModule" and "samples_per_epoch" in args:
         args["samples_per_epoch"] = 16
     elif name == "GenerationRequestsDataModule":
@@ -73,6 +79,10 @@ def shrink(node, paths: dict[str, Path]):
         args.update(lora_rank=2, num_inference_steps=2, grad_steps=1, discriminator_hidden=8)
     elif name == "AutoencoderTrainer":
         args.update(image_size=16, block_out_channels=[16, 32])
+    elif name == "SyntheticScorer" and args.get("oracle_checkpoint"):
+        args["oracle_checkpoint"] = str(paths["oracle"])
+    elif name == "ModelCheckpoint" and args.get("dirpath"):
+        args["dirpath"] = str(paths["out"] / "checkpoints")
     if "output_dir" in args:
         args["output_dir"] = str(paths["out"] / name)
     return node
@@ -130,6 +140,10 @@ def recipe_paths(fmnist_fixture, tiny_generator, tmp_path_factory) -> dict[str, 
     paths["synthetic"] = out / "DiffusionGenerator"
     run_recipe(REPO / "configs/bob/attributes.yaml", paths)  # the BOB recipes read this bank
     paths["bank"] = out / "attributes.json"
+    # an oracle for the scoring recipe: a tiny classifier checkpoint written by the CLI (loadable hparams)
+    run_recipe(REPO / "configs/classifier/fashion_5shot.yaml", paths, "--trainer.max_steps=1", "--test_after_fit=no",
+               f"--trainer.default_root_dir={out / 'oracle'}")
+    (paths["oracle"],) = (out / "oracle").glob("version_*/checkpoints/last.ckpt")
     return paths
 
 

@@ -7,7 +7,8 @@ from lbgen.models.clip_trainer import ClipTrainer
 from lbgen.models.generation import DiffusionGenerator
 from lbgen.models.lbgen_trainer import LbGenTrainer
 from lbgen.models.quality_trainer import QualityTrainer
+from lbgen.models.scoring import SyntheticScorer
 from lbgen.models.text_to_image import TextToImageTrainer
 
 __all__ = ["AttributeExtractionSystem", "AutoencoderTrainer", "ClipTrainer", "DiffusionGenerator", "ImageClassifier",
-           "LbGenTrainer", "QualityTrainer", "TextToImageTrainer"]
+           "LbGenTrainer", "QualityTrainer", "SyntheticScorer", "TextToImageTrainer"]
