@@ -60,101 +60,19 @@ setup_data() {
   return 1
 }
 
-# Run a stage unless its output marker exists (a finished stage is reused by the next quickstart).
-stage() {
-  local marker=$1; shift
-  if [ -e "$marker" ]; then log "reusing $marker"; return; fi
-  log "lbgen $*"
-  local start=$SECONDS
-  "$VENV/bin/lbgen" "$@" --trainer.enable_progress_bar=false
-  log "done in $((SECONDS - start)) s"
-}
-
 quickstart() {
   setup_data || exit 1
-  local repo; repo=$(pwd)
   local out="$RUN_DIR/quickstart"
   mkdir -p "$out"
-  log "quickstart: embedded generators, 7 generation methods (lbGen, BOB, DataDream, GeNIe, ...), 5-shot classifiers on Fashion-MNIST and contextual Fashion-MNIST (outputs in $out)"
-  # Recipes name their inputs and outputs relative to the working folder (runs/...), so stages chain there.
-  cd "$out"
-  stage runs/embedded/vae/config.json fit -c "$repo/configs/generator/fashion_vae.yaml" \
-    --trainer.default_root_dir runs/logs/vae
-  stage runs/embedded/generator/model_index.json fit -c "$repo/configs/generator/fashion_pretrain.yaml" \
-    --trainer.default_root_dir runs/logs/generator
-  local methods="txt2img img2img_low img2img_high genie"
-  for m in $methods; do
-    stage "runs/synthetic/$m/manifest.jsonl" predict -c "$repo/configs/generate/fashion_$m.yaml"
-  done
-  # lbGen: the embedded CLIP and quality judges, the class-name-only LoRA fine-tune, then its dataset
-  stage runs/embedded/clip/open_clip_config.json fit -c "$repo/configs/foundation/fashion_clip.yaml" \
-    --trainer.default_root_dir runs/logs/clip
-  stage runs/embedded/quality/quality_config.json fit -c "$repo/configs/foundation/fashion_quality.yaml" \
-    --trainer.default_root_dir runs/logs/quality
-  stage runs/lbgen/fashion/lora/pytorch_lora_weights.safetensors fit -c "$repo/configs/lbgen/fashion.yaml" \
-    --trainer.default_root_dir runs/logs/lbgen
-  stage runs/synthetic/lbgen/manifest.jsonl predict -c "$repo/configs/generate/fashion_txt2img.yaml" \
-    -c "$repo/configs/generate/fashion_lbgen.yaml"
-  methods="$methods lbgen"
-  # BOB: attribute bank (embedded CLIP zero-shot), LoRA on attribute captions, marginalised generation; DataDream:
-  # the same LoRA fine-tune on class captions
-  stage runs/bob/fashion/attributes.json predict -c "$repo/configs/bob/attributes.yaml"
-  stage runs/bob/fashion/lora/pytorch_lora_weights.safetensors fit -c "$repo/configs/bob/finetune.yaml" \
-    --trainer.default_root_dir runs/logs/bob
-  stage runs/bob/fashion/datadream_lora/pytorch_lora_weights.safetensors fit -c "$repo/configs/bob/finetune.yaml" \
-    -c "$repo/configs/bob/datadream.yaml" --trainer.default_root_dir runs/logs/datadream
-  stage runs/synthetic/bob/manifest.jsonl predict -c "$repo/configs/bob/generate.yaml"
-  stage runs/synthetic/datadream/manifest.jsonl predict -c "$repo/configs/bob/generate.yaml" \
-    -c "$repo/configs/bob/generate_datadream.yaml"
-  methods="$methods datadream bob"
-  stage runs/classifier/real_only/version_0/test_metrics.json fit -c "$repo/configs/classifier/fashion_5shot.yaml" \
-    --trainer.default_root_dir runs/classifier/real_only
-  local table=("5-shot real only=runs/classifier/real_only")
-  for m in $methods; do
-    stage "runs/classifier/$m/version_0/test_metrics.json" fit \
-      -c "$repo/configs/classifier/fashion_5shot_plus_synthetic.yaml" \
-      --data.init_args.synthetic.init_args.folder "runs/synthetic/$m" --trainer.default_root_dir "runs/classifier/$m"
-    table+=("5-shot real + 100/class $m=runs/classifier/$m")
-  done
+  log "quickstart: embedded generators, 7 generation methods (lbGen, BOB, DataDream, GeNIe, ...), 5-shot classifiers, label consistency, report.md (outputs in $out)"
+  # Each stage is one lbgen command; finished stages are reused by the next run (configs/experiments/*.yaml).
+  "$VENV/bin/lbgen" experiment configs/experiments/quickstart.yaml --workdir "$out"
   echo
-  log "5-shot Fashion-MNIST, top-1 on the 10k test set (outputs in $out/runs)"
-  "$VENV/bin/python" -m lbgen.evaluation.summary "${table[@]}"
+  cat "$out/report.md"
   if [ "${LBGEN_QUICKSTART_CONTEXTUAL:-1}" = 0 ]; then return; fi
-  # The contextual benchmark (objects on photographs, 90% of a class's training images on its own background): its
-  # own embedded VAE and generator, then real only vs DataDream vs BOB (attributes: the benchmark's exact records)
-  stage runs/embedded/contextual/vae/config.json fit -c "$repo/configs/generator/fashion_vae.yaml" \
-    -c "$repo/configs/foundation/contextual_vae.yaml" --trainer.default_root_dir runs/logs/contextual_vae
-  stage runs/embedded/contextual/generator/model_index.json fit -c "$repo/configs/foundation/contextual_generator.yaml" \
-    --trainer.default_root_dir runs/logs/contextual_generator
-  stage runs/bob/contextual/attributes.json predict -c "$repo/configs/bob/attributes.yaml" \
-    -c "$repo/configs/bob/contextual_attributes.yaml"
-  local ft=(-c "$repo/configs/bob/finetune.yaml" -c "$repo/configs/bob/contextual_finetune.yaml")
-  local gen=(-c "$repo/configs/bob/generate.yaml" -c "$repo/configs/bob/contextual_generate.yaml")
-  stage runs/bob/contextual/lora/pytorch_lora_weights.safetensors fit "${ft[@]}" \
-    --trainer.default_root_dir runs/logs/bob_contextual
-  stage runs/bob/contextual/datadream_lora/pytorch_lora_weights.safetensors fit "${ft[@]}" \
-    -c "$repo/configs/bob/datadream.yaml" --model.init_args.output_dir runs/bob/contextual/datadream_lora \
-    --trainer.default_root_dir runs/logs/datadream_contextual
-  stage runs/synthetic/bob_contextual/manifest.jsonl predict "${gen[@]}"
-  stage runs/synthetic/datadream_contextual/manifest.jsonl predict "${gen[@]}" \
-    -c "$repo/configs/bob/generate_datadream.yaml" \
-    --model.init_args.generator.init_args.lora runs/bob/contextual/datadream_lora \
-    --model.init_args.output_dir runs/synthetic/datadream_contextual
-  stage runs/classifier/contextual_real_only/version_0/test_metrics.json fit \
-    -c "$repo/configs/classifier/fashion_contextual_5shot.yaml" --data.init_args.image_size 32 \
-    --trainer.default_root_dir runs/classifier/contextual_real_only
-  local contextual=("contextual, 5-shot real only=runs/classifier/contextual_real_only")
-  for m in datadream bob; do
-    stage "runs/classifier/contextual_$m/version_0/test_metrics.json" fit \
-      -c "$repo/configs/classifier/fashion_5shot_plus_synthetic.yaml" \
-      -c "$repo/configs/classifier/fashion_contextual_5shot_plus_synthetic.yaml" \
-      --data.init_args.synthetic.init_args.folder "runs/synthetic/${m}_contextual" \
-      --trainer.default_root_dir "runs/classifier/contextual_$m"
-    contextual+=("contextual, 5-shot real + 100/class $m=runs/classifier/contextual_$m")
-  done
+  "$VENV/bin/lbgen" experiment configs/experiments/quickstart_contextual.yaml --workdir "$out"
   echo
-  log "5-shot contextual Fashion-MNIST (bias 0.9), top-1 on its 10k test set (backgrounds independent of the class)"
-  "$VENV/bin/python" -m lbgen.evaluation.summary "${contextual[@]}"
+  cat "$out/report_contextual.md"
 }
 
 run_tests() {

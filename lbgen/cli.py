@@ -24,6 +24,7 @@ Stages (each reads a YAML recipe from configs/, e.g. `lbgen fit -c configs/class
   predict   run a system's predict step: generate a synthetic dataset (configs/generate/), or class
             probabilities of a classifier
   export    `lbgen export DATASET_DIR OUT_DIR`: copy a generated dataset to plain PNG folders + metadata.jsonl
+  experiment `lbgen experiment FILE --workdir DIR`: run an experiment's stages (cached), then write report.md
 Outputs go to <trainer.default_root_dir>/version_N/ (config, metrics.csv, splits.json, checkpoints/);
 the default root is ./runs.
 """
@@ -141,6 +142,11 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LBGenCLI:
 def main(argv: list[str] | None = None) -> None:
     """Console script ``lbgen`` (returns nothing, so the exit code is 0 on success)."""
     words = sys.argv[1:] if argv is None else argv
+    if words[:1] == ["experiment"]:
+        from lbgen.experiment import main as experiment
+
+        experiment(words[1:])
+        return
     if words[:1] == ["export"]:
         if len(words) != 3:
             raise SystemExit("usage: lbgen export DATASET_DIR OUT_DIR")

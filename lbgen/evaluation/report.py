@@ -1,0 +1,174 @@
+"""An experiment's ``report.md`` and PNG plots, from what its stages wrote (``test_metrics.json`` of classifier runs,
+``label_consistency.json`` of scored datasets, ``stages.json`` of the runner).
+
+Report spec (the ``report`` section of an experiment file; every path relative to the workdir, globs allowed):
+
+    file: report.md      # the report's name in the workdir; its plots are <stem>_*.png
+    accuracy:            # the main table: mean top-1 with a Student-t 95% interval over the runs (seeds)
+      - {label: real only, runs: runs/classifier/real_only/s*}
+      - {label: real + txt2img, runs: runs/classifier/txt2img/s*}
+    baseline: real only  # the row the others are compared with
+    synthetic_per_class: # accuracy vs synthetic images per class, one line per method
+      - {label: txt2img, points: {0: runs/classifier/real_only/s*, 100: runs/classifier/txt2img/s*}}
+    noise_ratio:         # accuracy and label consistency vs r (GeNIe)
+      accuracy: {0.5: runs/classifier/genie_r0.5/s*, 0.8: runs/classifier/genie/s*}
+      consistency: {0.5: runs/synthetic/genie_r0.5, 0.8: runs/synthetic/genie}
+    consistency:         # label consistency per dataset (scored by SyntheticScorer)
+      - {label: txt2img, folder: runs/synthetic/txt2img}
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lbgen.evaluation.fewshot import mean_ci
+
+REPORT_FILE = "report.md"
+
+
+def run_accuracies(workdir: Path, pattern: str) -> list[float]:
+    """Top-1 accuracies (%) of every tested run (``version_*/test_metrics.json``) under the roots ``pattern``."""
+    roots = sorted(workdir.glob(pattern)) if any(c in pattern for c in "*?[") else [workdir / pattern]
+    files = sorted(f for root in roots for f in root.glob("version_*/test_metrics.json"))
+    return [100 * json.loads(f.read_text())["acc"] for f in files]
+
+
+def _cell(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean, half = mean_ci(values)
+    return f"{mean:.2f} ± {half:.2f}" if len(values) > 1 else f"{mean:.2f}"
+
+
+def accuracy_rows(workdir: Path, rows: list[dict[str, str]]) -> list[dict[str, Any]]:
+    out = []
+    for row in rows:
+        if not {"label", "runs"} <= set(row):
+            raise ValueError(f"An accuracy row needs label and runs, got {row!r}.")
+        out.append({"label": row["label"], "values": run_accuracies(workdir, row["runs"])})
+    return out
+
+
+def accuracy_table(rows: list[dict[str, Any]], baseline: str | None) -> str:
+    base = next((r for r in rows if r["label"] == baseline), None)
+    base_mean = float(np.mean(base["values"])) if base and base["values"] else None
+    lines = ["| data | top-1 % (mean ± 95% CI) | vs " + (baseline or "-") + " | runs |", "|---|---:|---:|---:|"]
+    best = max((np.mean(r["values"]) for r in rows if r["values"]), default=None)
+    for r in rows:
+        cell = _cell(r["values"])
+        if r["values"] and best is not None and np.mean(r["values"]) == best:
+            cell = f"**{cell}**"
+        gain = "-" if base_mean is None or not r["values"] or r is base else f"{np.mean(r['values']) - base_mean:+.2f}"
+        lines.append(f"| {r['label']} | {cell} | {gain} | {len(r['values'])} |")
+    return "\n".join(lines)
+
+
+def _plot(path: Path, series: dict[str, tuple[list[float], list[float], list[float]]], xlabel: str, ylabel: str,
+          title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    for label, (xs, ys, err) in series.items():
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _curve(workdir: Path, points: dict[Any, str]) -> tuple[list[float], list[float], list[float]]:
+    xs, ys, err = [], [], []
+    for x, pattern in sorted(points.items(), key=lambda kv: float(kv[0])):
+        values = run_accuracies(workdir, pattern)
+        if values:
+            mean, half = mean_ci(values)
+            xs.append(float(x))
+            ys.append(mean)
+            err.append(half)
+    return xs, ys, err
+
+
+def _consistency(workdir: Path, folder: str) -> dict[str, Any] | None:
+    path = workdir / folder / "label_consistency.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_report(spec: dict[str, Any], workdir: str | Path, title: str = "experiment",
+                 stages_file: str | Path | None = None) -> Path:
+    """Write ``report.md`` (and its PNG plots) into ``workdir``; sections whose runs are missing say so."""
+    workdir = Path(workdir)
+    name = spec.get("file", REPORT_FILE)
+    if not name.endswith(".md") or "/" in name:
+        raise ValueError(f"report file must be a .md file name in the workdir, got {name!r}.")
+    stem = name[:-3]  # plots are named after the report: two experiments can share a workdir
+    lines = [f"# {title}", ""]
+    if spec.get("accuracy"):
+        rows = accuracy_rows(workdir, spec["accuracy"])
+        lines += ["## Accuracy", "", spec.get("accuracy_caption", "Top-1 % on the test set; mean over runs (seeds) "
+                  "with the half-width of a Student-t 95% confidence interval (none for a single run)."), "",
+                  accuracy_table(rows, spec.get("baseline")), ""]
+    if spec.get("synthetic_per_class"):
+        series = {s["label"]: _curve(workdir, s["points"]) for s in spec["synthetic_per_class"]}
+        series = {k: v for k, v in series.items() if v[0]}
+        if series:
+            _plot(workdir / f"{stem}_accuracy_vs_synthetic.png", series, "synthetic images per class", "top-1 %",
+                  "Accuracy vs synthetic images per class")
+            lines += ["## Accuracy vs synthetic images per class", "", f"![]({stem}_accuracy_vs_synthetic.png)", ""]
+    ratio = spec.get("noise_ratio") or {}
+    if ratio:
+        acc = _curve(workdir, ratio.get("accuracy") or {})
+        cons_points = {float(r): _consistency(workdir, f) for r, f in (ratio.get("consistency") or {}).items()}
+        cons = sorted((r, 100 * c["overall"]) for r, c in cons_points.items() if c and c.get("overall") is not None)
+        series = {}
+        if acc[0]:
+            series["classifier top-1 %"] = acc
+        if cons:
+            series["label consistency %"] = ([r for r, _ in cons], [v for _, v in cons], [0.0] * len(cons))
+        if series:
+            plot = _plot(workdir / f"{stem}_noise_ratio.png", series, "noise ratio r", "%",
+                         "GeNIe: accuracy and label consistency")
+            lines += ["## GeNIe: accuracy and label consistency vs noise ratio r", "", f"![]({plot.name})", "",
+                      "| r | top-1 % | label consistency % |", "|---:|---:|---:|"]
+            acc_by_r = dict(zip(acc[0], zip(acc[1], acc[2], strict=True), strict=True))
+            for r in sorted(set(acc[0]) | {r for r, _ in cons}):
+                a = acc_by_r.get(r)
+                c = dict(cons).get(r)
+                lines.append(f"| {r:g} | {'-' if a is None else f'{a[0]:.2f} ± {a[1]:.2f}'} | "
+                             f"{'-' if c is None else f'{c:.1f}'} |")
+            lines.append("")
+    if spec.get("consistency"):
+        lines += ["## Label consistency", "", "Share of generated images that an oracle classifier trained on real "
+                  "data assigns to the prompted class (`label_consistency.json` of each dataset).", "",
+                  "| data | label consistency % | weakest class | images |", "|---|---:|---|---:|"]
+        for row in spec["consistency"]:
+            report = _consistency(workdir, row["folder"])
+            if report is None or report.get("overall") is None:
+                lines.append(f"| {row['label']} | not scored | - | - |")
+                continue
+            weakest = min(report["per_class"].items(), key=lambda kv: kv[1])
+            lines.append(f"| {row['label']} | {100 * report['overall']:.1f} | {weakest[0]} "
+                         f"({100 * weakest[1]:.0f}%) | {report['n']} |")
+        lines.append("")
+    if stages_file is not None and Path(stages_file).is_file():
+        log = json.loads(Path(stages_file).read_text())
+        total = sum(v.get("seconds", 0) for v in log.values())
+        lines += ["## Stages", "", f"{len(log)} stages ran, {total / 60:.1f} min of stage time in all (cached stages "
+                  "keep the time of the run that made them).", "", "| stage | seconds | finished |", "|---|---:|---|"]
+        lines += [f"| {k} | {v.get('seconds', '-')} | {v.get('finished', '-')} |" for k, v in log.items()]
+        lines.append("")
+    path = workdir / name
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,160 @@
+"""``lbgen experiment FILE``: run an experiment's stages in order, skip the finished ones, write its report.
+
+An experiment is a YAML file: ``stages`` (each one ``lbgen`` command with its recipes, and the file that exists once
+it is done) and ``report`` (what ``lbgen.evaluation.report`` tabulates and plots). This is ordering and caching,
+nothing more: every stage is a LightningCLI run in its own process, with its own ``config.yaml`` and logs.
+
+    name: my experiment
+    stages:
+      - name: vae
+        run: fit -c {configs}/generator/fashion_vae.yaml --trainer.default_root_dir runs/logs/vae
+        done: runs/embedded/vae/config.json
+      - name: classifier-{method}-s{seed}
+        for_each: {method: [txt2img, genie], seed: [0, 1, 2]}
+        run: fit -c {configs}/classifier/fashion_5shot_plus_synthetic.yaml --data.init_args.split_seed {seed} ...
+        done: runs/classifier/{method}/s{seed}/version_0/test_metrics.json
+
+Placeholders: ``{configs}`` (this checkout's ``configs/`` folder) and the ``for_each`` variables (every
+combination, in the order given). Paths are relative to ``--workdir``. ``stages.json`` in the workdir records
+each stage's status and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+STAGES_FILE = "stages.json"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One ``lbgen`` command and the file that exists once it has finished."""
+
+    name: str
+    args: tuple[str, ...]
+    done: str
+
+    def is_done(self, workdir: Path) -> bool:
+        return (workdir / self.done).exists()
+
+
+def _fill(text: str, values: dict[str, Any], where: str) -> str:
+    try:
+        return text.format(**values)
+    except (KeyError, IndexError) as err:
+        raise ValueError(f"{where}: unknown placeholder {err} in {text!r} (known: {sorted(values)}).") from None
+
+
+def expand_stages(spec: dict[str, Any], configs: Path = CONFIGS) -> list[Stage]:
+    """The experiment's stages, ``for_each`` expanded, placeholders filled; names must be unique."""
+    stages, names = [], set()
+    for i, entry in enumerate(spec.get("stages") or []):
+        where = f"stage {i + 1} ({entry.get('name', '?') if isinstance(entry, dict) else entry!r})"
+        if not isinstance(entry, dict) or not {"name", "run", "done"} <= set(entry):
+            raise ValueError(f"{where}: a stage needs name, run and done.")
+        unknown = set(entry) - {"name", "run", "done", "for_each"}
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {sorted(unknown)} (a stage has name, run, done, for_each).")
+        loops = entry.get("for_each") or {}
+        if not isinstance(loops, dict) or not all(isinstance(v, list) and v for v in loops.values()):
+            raise ValueError(f"{where}: for_each maps names to non-empty lists, got {loops!r}.")
+        for combo in itertools.product(*loops.values()):
+            values = {"configs": str(configs), **dict(zip(loops, combo, strict=True))}
+            run = entry["run"]
+            words = shlex.split(run) if isinstance(run, str) else [str(w) for w in run]
+            stage = Stage(name=_fill(entry["name"], values, where),
+                          args=tuple(_fill(w, values, where) for w in words), done=_fill(entry["done"], values, where))
+            if stage.name in names:
+                raise ValueError(f"{where}: duplicate stage name {stage.name!r}.")
+            if not stage.args or stage.args[0] not in ("fit", "validate", "test", "predict", "export"):
+                raise ValueError(f"{where}: run must start with an lbgen subcommand (fit, test, predict, ...), got "
+                                 f"{' '.join(stage.args[:1])!r}.")
+            names.add(stage.name)
+            stages.append(stage)
+    return stages
+
+
+def load_experiment(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No experiment file {path}.")
+    spec = yaml.safe_load(path.read_text())
+    if not isinstance(spec, dict) or "stages" not in spec:
+        raise ValueError(f"{path} is not an experiment (a mapping with 'stages' and optionally 'report').")
+    return spec
+
+
+def run_stages(stages: list[Stage], workdir: Path, lbgen: list[str], until: str | None = None,
+               dry_run: bool = False) -> list[dict[str, Any]]:
+    """Run the unfinished stages in order (stop after ``until``); a failing stage stops the experiment."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_file = workdir / STAGES_FILE
+    log = json.loads(log_file.read_text()) if log_file.is_file() else {}
+    results = []
+    for n, stage in enumerate(stages, 1):
+        head = f"[{n}/{len(stages)}] {stage.name}"
+        if stage.is_done(workdir):
+            print(f"{head}: done ({stage.done})", flush=True)
+            results.append({"name": stage.name, "status": "cached", **log.get(stage.name, {})})
+        elif dry_run:
+            print(f"{head}: would run lbgen {' '.join(stage.args)}", flush=True)
+            results.append({"name": stage.name, "status": "pending"})
+        else:
+            print(f"{head}: lbgen {' '.join(stage.args)}", flush=True)
+            start = time.perf_counter()
+            # progress bars are noise in a log file; a terminal keeps them
+            quiet = [] if sys.stdout.isatty() or stage.args[0] == "export" else ["--trainer.enable_progress_bar=false"]
+            code = subprocess.call([*lbgen, *stage.args, *quiet], cwd=workdir)
+            seconds = round(time.perf_counter() - start, 1)
+            if code != 0 or not stage.is_done(workdir):
+                why = f"exit code {code}" if code else f"finished without writing {stage.done}"
+                raise RuntimeError(f"Stage {stage.name} failed ({why}) after {seconds} s; fix it and rerun: the "
+                                   f"finished stages are kept.")
+            log[stage.name] = {"seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+            log_file.write_text(json.dumps(log, indent=1))
+            print(f"{head}: done in {seconds} s", flush=True)
+            results.append({"name": stage.name, "status": "ran", **log[stage.name]})
+        if until is not None and stage.name == until:
+            break
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``lbgen experiment FILE [--workdir DIR] [--until STAGE] [--dry-run] [--report-only]``."""
+    parser = argparse.ArgumentParser(prog="lbgen experiment", description=__doc__.split("\n\n")[0])
+    parser.add_argument("file", type=Path, help="the experiment YAML")
+    parser.add_argument("--workdir", type=Path, default=Path("."), help="where runs/ and the report go")
+    parser.add_argument("--until", help="stop after this stage")
+    parser.add_argument("--dry-run", action="store_true", help="list what would run")
+    parser.add_argument("--report-only", action="store_true", help="write the report from what is there")
+    args = parser.parse_args(argv)
+    spec = load_experiment(args.file)
+    stages = expand_stages(spec)
+    workdir = args.workdir.resolve()
+    lbgen = [sys.executable, "-m", "lbgen.cli"]
+    if not args.report_only:
+        run_stages(stages, workdir, lbgen, args.until, args.dry_run)
+    if spec.get("report") and not args.dry_run and (args.until is None or args.report_only):
+        from lbgen.evaluation.report import write_report
+
+        path = write_report(spec["report"], workdir, title=spec.get("name", Path(args.file).stem),
+                            stages_file=workdir / STAGES_FILE)
+        print(f"Report: {path}", flush=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

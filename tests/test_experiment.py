@@ -1,0 +1,106 @@
+"""``lbgen experiment``: stages in order, cached, failing loudly; the report's table, intervals and plots."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lbgen.evaluation.fewshot import mean_ci
+from lbgen.evaluation.report import write_report
+from lbgen.experiment import expand_stages, load_experiment, run_stages
+
+from .conftest import REPO
+
+
+def test_stages_expand_in_order_with_placeholders(tmp_path):
+    spec = {"stages": [{"name": "a", "run": "fit -c {configs}/x.yaml", "done": "a.txt"},
+                       {"name": "b-{m}-{seed}", "for_each": {"m": ["p", "q"], "seed": [0, 1]},
+                        "run": ["predict", "--out", "runs/{m}/{seed}"], "done": "runs/{m}/{seed}/done"}]}
+    stages = expand_stages(spec, configs=Path("/cfg"))
+    assert [s.name for s in stages] == ["a", "b-p-0", "b-p-1", "b-q-0", "b-q-1"]
+    assert stages[0].args == ("fit", "-c", "/cfg/x.yaml") and stages[3].args == ("predict", "--out", "runs/q/0")
+    for bad, match in (({"name": "x", "run": "fit", "done": "d", "oops": 1}, "unknown keys"),
+                       ({"name": "x", "run": "fit {nope}", "done": "d"}, "unknown placeholder"),
+                       ({"name": "x", "run": "train -c y", "done": "d"}, "lbgen subcommand"),
+                       ({"name": "x", "run": "fit"}, "needs name, run and done")):
+        with pytest.raises(ValueError, match=match):
+            expand_stages({"stages": [bad]})
+    with pytest.raises(ValueError, match="duplicate"):
+        expand_stages({"stages": [{"name": "x", "run": "fit", "done": "d"}] * 2})
+
+
+def test_every_experiment_file_expands():
+    for path in sorted((REPO / "configs/experiments").glob("*.yaml")):
+        stages = expand_stages(load_experiment(path))
+        assert stages, path
+        for stage in stages:  # every recipe a stage names exists
+            for word in stage.args:
+                if word.endswith(".yaml"):
+                    assert Path(word).is_file(), f"{path.name}: {stage.name} names {word}"
+
+
+def test_runner_skips_done_stages_and_stops_on_failure(tmp_path):
+    # a stand-in "lbgen": writes the file named after --out, or fails when asked to
+    fake = tmp_path / "fake_lbgen.py"
+    fake.write_text("import sys, pathlib\nargs = sys.argv[1:]\nif 'fail' in args: sys.exit(3)\n"
+                    "out = pathlib.Path(args[args.index('--out') + 1]); out.parent.mkdir(parents=True, exist_ok=True)\n"
+                    "out.write_text(' '.join(args))\n")
+    spec = {"stages": [{"name": "one", "run": "fit --out r/one", "done": "r/one"},
+                       {"name": "two", "run": "fit --out r/two", "done": "r/two"}]}
+    work = tmp_path / "work"
+    results = run_stages(expand_stages(spec), work, [sys.executable, str(fake)])
+    assert [r["status"] for r in results] == ["ran", "ran"] and (work / "r/two").is_file()
+    (work / "r/two").unlink()
+    results = run_stages(expand_stages(spec), work, [sys.executable, str(fake)])
+    assert [r["status"] for r in results] == ["cached", "ran"]  # only the missing one again
+    assert set(json.loads((work / "stages.json").read_text())) == {"one", "two"}
+    failing = {"stages": [{"name": "bad", "run": "fit fail --out r/bad", "done": "r/bad"},
+                          {"name": "after", "run": "fit --out r/after", "done": "r/after"}]}
+    with pytest.raises(RuntimeError, match="Stage bad failed .*exit code 3"):
+        run_stages(expand_stages(failing), work, [sys.executable, str(fake)])
+    assert not (work / "r/after").exists()
+    silent = {"stages": [{"name": "silent", "run": "fit --out r/elsewhere", "done": "r/expected"}]}
+    with pytest.raises(RuntimeError, match="without writing r/expected"):
+        run_stages(expand_stages(silent), work, [sys.executable, str(fake)])
+
+
+def _tested_run(root: Path, version: int, acc: float) -> None:
+    folder = root / f"version_{version}"
+    folder.mkdir(parents=True)
+    (folder / "test_metrics.json").write_text(json.dumps({"acc": acc}))
+
+
+def test_report_table_intervals_and_plots(tmp_path):
+    for seed, acc in enumerate((0.60, 0.62, 0.64)):
+        _tested_run(tmp_path / f"runs/real/s{seed}", 0, acc)
+    for seed, acc in enumerate((0.70, 0.71, 0.75)):
+        _tested_run(tmp_path / f"runs/genie/s{seed}", 0, acc)
+    (tmp_path / "runs/syn/genie").mkdir(parents=True)
+    (tmp_path / "runs/syn/genie/label_consistency.json").write_text(json.dumps(
+        {"overall": 0.8, "n": 10, "per_class": {"a": 0.9, "b": 0.7}, "per_setting": {"genie@0.8": 0.8}}))
+    spec = yaml.safe_load("""
+baseline: real
+accuracy:
+  - {label: real, runs: "runs/real/s*"}
+  - {label: genie, runs: "runs/genie/s*"}
+  - {label: missing, runs: "runs/none/s*"}
+synthetic_per_class:
+  - {label: genie, points: {0: "runs/real/s*", 100: "runs/genie/s*"}}
+noise_ratio:
+  accuracy: {0.8: "runs/genie/s*"}
+  consistency: {0.8: runs/syn/genie}
+consistency:
+  - {label: genie, folder: runs/syn/genie}
+  - {label: unscored, folder: runs/syn/other}
+""")
+    text = write_report(spec, tmp_path, title="t").read_text()
+    mean, half = mean_ci([70.0, 71.0, 75.0])
+    assert f"| genie | **{mean:.2f} ± {half:.2f}** | +{mean - 62.0:.2f} | 3 |" in text
+    assert "| missing | - | - | 0 |" in text and "| unscored | not scored |" in text
+    assert "| genie | 80.0 | b (70%) | 10 |" in text
+    for png in ("report_accuracy_vs_synthetic.png", "report_noise_ratio.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG" and f"![]({png})" in text
