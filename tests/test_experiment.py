@@ -104,3 +104,30 @@ consistency:
     assert "| genie | 80.0 | b (70%) | 10 |" in text
     for png in ("report_accuracy_vs_synthetic.png", "report_noise_ratio.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG" and f"![]({png})" in text
+
+
+def test_report_exchange_rate_recovers_the_law_from_classifier_runs(tmp_path):
+    import math
+
+    c1, c2, k = 0.9, 3.0, 10.0
+
+    def accuracy(images_per_class: float) -> float:  # a saturating learning curve
+        return 0.95 - 0.6 * math.exp(-images_per_class / 40)
+
+    bases = []
+    for n_base in (10, 20, 40):
+        real = {}
+        for added in range(0, 201, 10):
+            _tested_run(tmp_path / f"xr/b{n_base}/real{added}", 0, accuracy(n_base + added))
+            real[added] = f"xr/b{n_base}/real{added}"
+        syn = {}
+        for n_syn in (20, 50, 100):
+            worth = n_base * math.log(1 + n_syn / (n_base * c1 ** (n_base / k))) / math.log(c2)
+            _tested_run(tmp_path / f"xr/b{n_base}/syn{n_syn}", 0, accuracy(n_base + worth))
+            syn[n_syn] = f"xr/b{n_base}/syn{n_syn}"
+        bases.append({"n_base": n_base, "real": real, "synthetic": {"closed": syn}})
+    text = write_report({"exchange_rate": {"classes": k, "bases": bases}}, tmp_path).read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| closed |"))
+    fitted_c1, fitted_c2 = (float(cell.split()[0]) for cell in row.split("|")[2:4])
+    assert fitted_c1 == pytest.approx(c1, rel=0.05) and fitted_c2 == pytest.approx(c2, rel=0.05)
+    assert (tmp_path / "report_exchange_rate.png").is_file() and row.endswith("| 9 |")

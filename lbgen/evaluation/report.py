@@ -162,6 +162,8 @@ def write_report(spec: dict[str, Any], workdir: str | Path, title: str = "experi
             lines.append(f"| {row['label']} | {100 * report['overall']:.1f} | {weakest[0]} "
                          f"({100 * weakest[1]:.0f}%) | {report['n']} |")
         lines.append("")
+    if spec.get("exchange_rate"):
+        lines += exchange_rate_section(spec["exchange_rate"], workdir, stem)
     if stages_file is not None and Path(stages_file).is_file():
         log = json.loads(Path(stages_file).read_text())
         total = sum(v.get("seconds", 0) for v in log.values())
@@ -172,3 +174,59 @@ def write_report(spec: dict[str, Any], workdir: str | Path, title: str = "experi
     path = workdir / name
     path.write_text("\n".join(lines))
     return path
+
+
+def _mean_curve(workdir: Path, points: dict[Any, str]) -> tuple[list[float], list[float]]:
+    xs, ys, _ = _curve(workdir, points)
+    return xs, ys
+
+
+def exchange_rate_section(spec: dict[str, Any], workdir: Path, stem: str) -> list[str]:
+    """Closed-set exchange rate: per base size, the real curve (images added) and each generator's synthetic curve;
+    every synthetic point mapped to the real images of equal accuracy, and the law fitted per generator.
+
+    Spec: ``{classes: k, bases: [{n_base: 10, real: {added: runs}, synthetic: {generator: {n_syn: runs}}}]}``.
+    """
+    from lbgen.evaluation.exchange_rate import exchange_points, fit_exchange_rate
+
+    k = float(spec.get("classes", 10))
+    lines = ["## Exchange rate: synthetic vs real images", "",
+             "Per base set of n_base real images per class: accuracy after adding real images, or synthetic images "
+             "of each generator; a synthetic point is worth the real images that reach the same accuracy on the real "
+             "curve. Law fitted: `n_syn / n_base = c1^(n_base / k) * (c2^(n_real_added / n_base) - 1)`.", ""]
+    points: dict[str, list[tuple[float, float, float]]] = {}
+    series: dict[str, tuple[list[float], list[float], list[float]]] = {}
+    table = ["| n_base | data | images added per class | top-1 % | worth real images per class |",
+             "|---:|---|---:|---:|---:|"]
+    for base in spec.get("bases") or []:
+        n_base = float(base["n_base"])
+        real_x, real_y = _mean_curve(workdir, base.get("real") or {})
+        if real_x:
+            series[f"real, n_base {n_base:g}"] = (real_x, real_y, [0.0] * len(real_x))
+            table += [f"| {n_base:g} | real | {x:g} | {y:.2f} | {x:g} |" for x, y in zip(real_x, real_y, strict=True)]
+        for name, curve in (base.get("synthetic") or {}).items():
+            syn_x, syn_y = _mean_curve(workdir, curve)
+            if not syn_x:
+                continue
+            series[f"{name}, n_base {n_base:g}"] = (syn_x, syn_y, [0.0] * len(syn_x))
+            found = exchange_points(n_base, real_x, real_y, syn_x, syn_y) if len(real_x) > 1 else []
+            worth = {p[2]: p[1] for p in found}
+            table += [f"| {n_base:g} | {name} | {x:g} | {y:.2f} | "
+                      f"{f'{worth[x]:.1f}' if x in worth else 'outside the real curve'} |"
+                      for x, y in zip(syn_x, syn_y, strict=True)]
+            points.setdefault(name, []).extend(found)
+    if not series:
+        return lines + ["No exchange-rate runs yet.", ""]
+    plot = _plot(workdir / f"{stem}_exchange_rate.png", series, "images added per class", "top-1 %",
+                 "Real vs synthetic images added")
+    lines += [f"![]({plot.name})", "", *table, "", "| generator | c1 (95% CI) | c2 (95% CI) | points |",
+              "|---|---|---|---:|"]
+    for name, found in points.items():
+        try:
+            fit = fit_exchange_rate(found, k)
+        except (ValueError, RuntimeError) as err:  # too few points inside the real curve, or no convergence
+            lines.append(f"| {name} | - | - | {len(found)} ({err}) |")
+            continue
+        lines.append(f"| {name} | {fit.c1:.3g} ({fit.c1_ci[0]:.3g}-{fit.c1_ci[1]:.3g}) | {fit.c2:.3g} "
+                     f"({fit.c2_ci[0]:.3g}-{fit.c2_ci[1]:.3g}) | {len(found)} |")
+    return lines + [""]
