@@ -1,0 +1,37 @@
+"""GeNIe-Ada: the chosen r is where the judge's belief crosses from the source class to the target class."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lbgen.components.genie_ada import adaptive_strength, crossing_index
+
+
+def test_crossing_index_first_crossing_or_last():
+    target = torch.tensor([[0.1, 0.6, 0.2], [0.4, 0.7, 0.3], [0.9, 0.8, 0.4]])  # 3 strengths x 3 images
+    source = torch.tensor([[0.8, 0.3, 0.7], [0.5, 0.2, 0.6], [0.05, 0.1, 0.5]])
+    assert crossing_index(target, source).tolist() == [2, 0, 2]  # image 2 never crosses: the largest r
+
+
+def test_adaptive_strength_picks_the_image_at_the_crossing():
+    strengths = [0.5, 0.6, 0.7, 0.8]
+    switch = torch.tensor([0.55, 0.75, 0.95])  # image i turns into the target above this r
+
+    def generate(r: float) -> torch.Tensor:  # image brightness encodes r, so the choice is visible in the output
+        return torch.full((3, 3, 4, 4), r)
+
+    def judge(images: torch.Tensor) -> torch.Tensor:
+        r = images[:, 0, 0, 0]
+        target_p = (r > switch).float() * 0.8 + 0.1
+        probs = torch.zeros(3, 5)
+        probs[torch.arange(3), torch.tensor([1, 1, 1])] = target_p  # target class 1
+        probs[torch.arange(3), torch.tensor([0, 2, 3])] = 1 - target_p  # sources 0, 2, 3
+        return probs
+
+    images, chosen, target = adaptive_strength(generate, judge, strengths, torch.tensor([0, 2, 3]),
+                                               torch.tensor([1, 1, 1]))
+    assert chosen.tolist() == pytest.approx([0.6, 0.8, 0.8])
+    assert images[:, 0, 0, 0].tolist() == pytest.approx([0.6, 0.8, 0.8]) and target.shape == (4, 3)
+    with pytest.raises(ValueError, match="increasing"):
+        adaptive_strength(generate, judge, [0.8, 0.5], torch.tensor([0]), torch.tensor([1]))
