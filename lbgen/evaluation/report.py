@@ -10,7 +10,8 @@ Report spec (the ``report`` section of an experiment file; every path relative t
     baseline: real only  # the row the others are compared with
     synthetic_per_class: # accuracy vs synthetic images per class, one line per method
       - {label: txt2img, points: {0: runs/classifier/real_only/s*, 100: runs/classifier/txt2img/s*}}
-    noise_ratio:         # accuracy and label consistency vs r (GeNIe)
+    noise_ratio:         # accuracy and label consistency vs r
+      method: GeNIe      # the title's method name
       accuracy: {0.5: runs/classifier/genie_r0.5/s*, 0.8: runs/classifier/genie/s*}
       consistency: {0.5: runs/synthetic/genie_r0.5, 0.8: runs/synthetic/genie}
     consistency:         # label consistency per dataset (scored by SyntheticScorer)
@@ -138,15 +139,17 @@ def write_report(spec: dict[str, Any], workdir: str | Path, title: str = "experi
         if cons:
             series["label consistency %"] = ([r for r, _ in cons], [v for _, v in cons], [0.0] * len(cons))
         if series:
+            method = ratio.get("method", "GeNIe")
             plot = _plot(workdir / f"{stem}_noise_ratio.png", series, "noise ratio r", "%",
-                         "GeNIe: accuracy and label consistency")
-            lines += ["## GeNIe: accuracy and label consistency vs noise ratio r", "", f"![]({plot.name})", "",
+                         f"{method}: accuracy and label consistency")
+            lines += [f"## {method}: accuracy and label consistency vs noise ratio r", "", f"![]({plot.name})", "",
                       "| r | top-1 % | label consistency % |", "|---:|---:|---:|"]
             acc_by_r = dict(zip(acc[0], zip(acc[1], acc[2], strict=True), strict=True))
             for r in sorted(set(acc[0]) | {r for r, _ in cons}):
                 a = acc_by_r.get(r)
                 c = dict(cons).get(r)
-                lines.append(f"| {r:g} | {'-' if a is None else f'{a[0]:.2f} ± {a[1]:.2f}'} | "
+                acc_cell = "-" if a is None else f"{a[0]:.2f}" + (f" ± {a[1]:.2f}" if a[1] else "")
+                lines.append(f"| {r:g} | {acc_cell} | "
                              f"{'-' if c is None else f'{c:.1f}'} |")
             lines.append("")
     if spec.get("consistency"):
@@ -167,8 +170,9 @@ def write_report(spec: dict[str, Any], workdir: str | Path, title: str = "experi
     if stages_file is not None and Path(stages_file).is_file():
         log = json.loads(Path(stages_file).read_text())
         total = sum(v.get("seconds", 0) for v in log.values())
-        lines += ["## Stages", "", f"{len(log)} stages ran, {total / 60:.1f} min of stage time in all (cached stages "
-                  "keep the time of the run that made them).", "", "| stage | seconds | finished |", "|---|---:|---|"]
+        lines += ["## Stages", "", f"{len(log)} stages were run by `lbgen experiment` in this workdir, "
+                  f"{total / 60:.1f} min of stage time in all (stages made before, or by another command, are reused "
+                  "and not listed).", "", "| stage | seconds | finished |", "|---|---:|---|"]
         lines += [f"| {k} | {v.get('seconds', '-')} | {v.get('finished', '-')} |" for k, v in log.items()]
         lines.append("")
     path = workdir / name
