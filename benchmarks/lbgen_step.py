@@ -132,6 +132,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ks", default="1,3,5")
+    parser.add_argument("--json", action="store_true", help="also print the rows as one JSON line, last")
     parser.add_argument("--k", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -156,6 +157,8 @@ def main() -> None:
             ratio = f"{ckpt['peak_mib'] / plain['peak_mib']:.2f}" if row is ckpt else ""
             print(f"| {row['k']} | {'yes' if row['checkpointing'] else 'no'} | {row['step_s']:.2f} | "
                   f"{row['peak_mib']:.0f} | {ratio} |")
+    if args.json:
+        print(json.dumps({"rows": rows}))
 
 
 if __name__ == "__main__":

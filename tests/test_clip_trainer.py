@@ -46,7 +46,7 @@ def trained(fmnist_fixture, tmp_path_factory) -> dict:
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
     model = make_model(output_dir=str(tmp_path_factory.mktemp("clip") / "clip"),
-                       optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3))
+                       optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3))  # 3e-3 is on the edge of divergence
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     before = trainer.test(model, datamodule=data, verbose=False)[0]["test/zero_shot_acc"]
     torch.manual_seed(0)
@@ -62,7 +62,7 @@ def trained(fmnist_fixture, tmp_path_factory) -> dict:
 def test_training_lowers_the_loss_and_learns_zero_shot(trained):
     before, after = trained["acc"]
     assert trained["loss"][1] < trained["loss"][0] - 0.5
-    assert after >= 0.35 and after > before + 0.2  # 10 classes: chance is 0.1 (seeds 0-2 reach 0.40-0.6+)
+    assert after >= 0.6 > before + 0.3  # 10 classes: chance is 0.1
 
 
 def test_saved_folder_loads_through_clip_scorer_with_identical_features(trained):

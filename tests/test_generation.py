@@ -36,11 +36,12 @@ def _source(fmnist_fixture):
     return FashionMNISTDataModule(root=str(fmnist_fixture), shots=5, image_size=16)
 
 
-def generate(tiny_generator, fmnist_fixture, out: Path, batch_size=4, devices=1, **requests):
+def generate(tiny_generator, fmnist_fixture, out: Path, batch_size=4, devices=1, model_kwargs: dict | None = None,
+             **requests):
     data = GenerationRequestsDataModule(source_data=_source(fmnist_fixture), batch_size=batch_size,
                                         **{"images_per_class": 2, **requests})
     model = DiffusionGenerator(PretrainedGenerator(str(tiny_generator)), output_dir=str(out), num_inference_steps=3,
-                               shard_size=8)
+                               shard_size=8, **(model_kwargs or {}))
     L.Trainer(accelerator="cpu", devices=devices, logger=False, enable_progress_bar=False).predict(
         model, data, return_predictions=False)
     return read_manifest(out)

@@ -35,3 +35,32 @@ def test_adaptive_strength_picks_the_image_at_the_crossing():
     assert images[:, 0, 0, 0].tolist() == pytest.approx([0.6, 0.8, 0.8]) and target.shape == (4, 3)
     with pytest.raises(ValueError, match="increasing"):
         adaptive_strength(generate, judge, [0.8, 0.5], torch.tensor([0]), torch.tensor([1]))
+
+
+def test_genie_ada_generation_keeps_each_image_at_its_chosen_ratio(tiny_generator, fmnist_fixture, tmp_path):
+    """Each GeNIe-Ada image is byte for byte the fixed-r GeNIe image (same request, same seed) at its chosen r."""
+    from lbgen.components import ClipScorer
+    from lbgen.models.scoring import consistency_report
+
+    from .test_alignment_components import TINY_CLIP
+    from .test_generation import generate, pngs
+
+    sweep = [0.4, 0.7, 1.0]
+    judge = ClipScorer(model_name="tiny", pretrained=None, model_config=TINY_CLIP)
+    _, ada = generate(tiny_generator, fmnist_fixture, tmp_path / "ada", method="genie", images_per_class=2,
+                      model_kwargs={"ada_strengths": sweep, "ada_judge": judge})
+    assert {r["ada_strength"] for r in ada} <= set(sweep) and all(len(r["ada_target_prob"]) == 3 for r in ada)
+    fixed = {r: pngs(tmp_path / f"r{r}") for r in sweep
+             if generate(tiny_generator, fmnist_fixture, tmp_path / f"r{r}", method="genie", strength=r,
+                         images_per_class=2)}
+    ada_images = pngs(tmp_path / "ada")
+    for record in ada:
+        name = record["id"] + ".png"
+        assert ada_images[name] == fixed[record["ada_strength"]][name]
+        probs = record["ada_target_prob"]
+        chosen = sweep.index(record["ada_strength"])
+        assert chosen == len(sweep) - 1 or probs[chosen] > 0  # a crossing has target probability
+    records = [{**r, "scores": {"oracle_agrees": True}} for r in ada]
+    assert set(consistency_report(records, [str(i) for i in range(10)])["per_setting"]) == {"genie@ada"}
+    with pytest.raises(ValueError, match="needs a judge"):
+        generate(tiny_generator, fmnist_fixture, tmp_path / "x", method="genie", model_kwargs={"ada_strengths": sweep})

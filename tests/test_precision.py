@@ -4,8 +4,7 @@ the frozen modules are in bf16, and results are close to fp32. Correctness only:
 nothing here says anything about speed. The fp16 path itself (``16-mixed`` on a GPU) is not exercised here.
 
 Dtypes are recorded while a stage runs (``on_train_end`` of a generator may cast its pipeline back to fp32 to save
-it). Frozen modules that a stage leaves in fp32 are ``xfail(strict=True)`` tests, each next to the passing test of
-the same run, so they flip when the stage casts them."""
+it); the frozen-module checks reuse each stage's run."""
 
 from __future__ import annotations
 
@@ -313,8 +312,6 @@ def test_generation_predict(generated):
     assert all(d == torch.float32 for d in generated[FP32 + " spy"].dtypes[0].values())
 
 
-@pytest.mark.xfail(strict=True, reason="DiffusionGenerator never calls low_precision_setup: the frozen pipeline "
-                                       "(UNet, VAE, text encoder) stays fp32 under bf16-mixed")
 def test_generation_frozen_pipeline_is_bf16(generated):
     check_low(generated[BF16 + " spy"], ("unet.", "vae.", "text_encoder."))
 
@@ -360,3 +357,18 @@ def test_16_mixed_on_cpu_falls_back_to_bf16_and_trains(tiny_generator, fmnist_fi
         warnings.simplefilter("ignore", UserWarning)
         run = fit(t2i(tiny_generator, "lora", tmp_path), fashion(fmnist_fixture, image_size=16), tmp_path, "16-mixed")
     check_fit(run, low=("vae.", "text_encoder.", "unet."))
+
+
+def test_generation_resume_at_another_precision_is_refused(tiny_generator, fmnist_fixture, tmp_path):
+    from .test_generation import _source
+
+    def run(precision: str) -> None:
+        data = GenerationRequestsDataModule(source_data=_source(fmnist_fixture), batch_size=4, images_per_class=1)
+        model = DiffusionGenerator(PretrainedGenerator(str(tiny_generator)), output_dir=str(tmp_path / "out"),
+                                   num_inference_steps=2, shard_size=8)
+        L.Trainer(accelerator="cpu", devices=1, precision=precision, logger=False,
+                  enable_progress_bar=False).predict(model, data, return_predictions=False)
+
+    run("bf16-mixed")
+    with pytest.raises(ValueError, match="other settings"):
+        run("32-true")

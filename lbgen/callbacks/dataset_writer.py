@@ -5,8 +5,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import queue
 import tarfile
+import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,67 @@ def read_index(shard: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in shard.with_suffix(".jsonl").read_text().splitlines() if line]
 
 
+_STOP = object()
+
+
+class BackgroundWorker:
+    """Run ``work(item)`` for submitted items, in order, in one daemon thread, behind a bounded queue.
+
+    ``submit`` blocks while ``max_pending`` items wait (memory stays bounded when writing is slower than
+    generating). An exception in the thread is kept and raised in the calling thread by the next ``submit``,
+    ``wait`` or ``check``; later items are then dropped unprocessed, so ``submit`` never blocks forever.
+
+    Args:
+        work: what to do with one item.
+        max_pending: items the queue holds (> 0).
+        name: the thread's name.
+    """
+
+    def __init__(self, work: Callable[[Any], None], max_pending: int = 4, name: str = "lbgen-writer") -> None:
+        if max_pending <= 0:
+            raise ValueError(f"max_pending must be positive, got {max_pending}.")
+        self._work = work
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self._reported = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is _STOP:
+                    return
+                if self._error is None:
+                    self._work(item)
+            except BaseException as err:  # handed to the main thread, which raises it
+                self._error = err
+            finally:
+                self._queue.task_done()
+
+    def check(self) -> None:
+        """Raise the thread's exception, once, in the calling thread."""
+        if self._error is not None and not self._reported:
+            self._reported = True
+            raise self._error
+
+    def submit(self, item: Any) -> None:
+        self.check()
+        self._queue.put(item)
+
+    def wait(self) -> None:
+        """Block until every submitted item is processed; raise the thread's exception if there was one."""
+        self._queue.join()
+        self.check()
+
+    def close(self) -> None:
+        """Process what is queued, then end the thread (idempotent; does not raise the thread's exception)."""
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join()
+
+
 class SyntheticDatasetWriter(BasePredictionWriter):
     """Write generated images into ``output_dir/shards/*.tar`` (``<id>.png`` + ``<id>.json``) and a manifest.
 
@@ -53,21 +117,31 @@ class SyntheticDatasetWriter(BasePredictionWriter):
     are skipped, so a killed run finishes with exactly the images of an uninterrupted one. At the end, rank 0
     writes ``manifest.jsonl``: one record per image, sorted by request id.
 
+    PNG encoding and shard writing run in a background thread (``BackgroundWorker``), overlapped with the next
+    batch's generation; the files and their order are the same as when written inline. The thread's errors are
+    raised in the main thread at the next batch or at the end; the epoch end and a SIGTERM wait for it.
+
     Args:
         output_dir: the dataset folder.
         shard_size: images per shard.
         generator_record: generator fields copied into every record (id, LoRA hash, steps, guidance, ...).
+        max_pending_batches: generated batches that may wait for the writer (0: write in the main thread).
     """
 
-    def __init__(self, output_dir: Path, shard_size: int, generator_record: dict[str, Any]) -> None:
+    def __init__(self, output_dir: Path, shard_size: int, generator_record: dict[str, Any],
+                 max_pending_batches: int = 4) -> None:
         super().__init__(write_interval="batch")
         if shard_size <= 0:
             raise ValueError(f"shard_size must be positive, got {shard_size}.")
+        if max_pending_batches < 0:
+            raise ValueError(f"max_pending_batches must be 0 (inline) or positive, got {max_pending_batches}.")
         self.output_dir, self.shard_size, self.generator_record = Path(output_dir), shard_size, generator_record
-        self._buffer: list[tuple[bytes, dict[str, Any]]] = []
+        self.max_pending_batches = max_pending_batches
+        self._buffer: list[tuple[bytes, dict[str, Any]]] = []  # touched by the worker only, or after wait()
         self._done: set[str] = set()
         self._tag = ""
         self._count = 0
+        self._worker: BackgroundWorker | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "predict":
@@ -77,6 +151,9 @@ class SyntheticDatasetWriter(BasePredictionWriter):
         datamodule = trainer.datamodule
         run = {"requests": datamodule.describe() if hasattr(datamodule, "describe") else None,
                **self.generator_record}
+        if str(trainer.precision) not in ("32-true", "32"):
+            # bf16 / fp16 images differ from fp32 ones: a resume must not mix them (fp32 runs keep their run.json)
+            run["precision"] = str(trainer.precision)
         run_file = self.output_dir / RUN_FILE
         if run_file.is_file():
             previous = json.loads(run_file.read_text())
@@ -102,7 +179,23 @@ class SyntheticDatasetWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
                            batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        for image, request in zip(prediction["images"], prediction["records"], strict=True):
+        item = (prediction["images"], prediction["records"])
+        if self.max_pending_batches:
+            if self._worker is None:
+                self._worker = BackgroundWorker(self._write_batch, self.max_pending_batches)
+            self._worker.submit(item)
+        else:
+            self._write_batch(item)
+        if trainer.received_sigterm:  # Lightning's predict loop never checks: stop here, keeping what is done
+            self._drain()
+            self._flush()
+            rank_zero_info(f"SIGTERM: stopped with {len(self._done)} images in complete shards; rerun the same "
+                           "command to finish.")
+            raise SIGTERMException(143)
+
+    def _write_batch(self, item: tuple[Any, list[dict[str, Any]]]) -> None:
+        images, requests = item
+        for image, request in zip(images, requests, strict=True):
             if request["id"] in self._done:
                 continue
             record = {k: v for k, v in request.items() if k not in INTERNAL_KEYS}
@@ -110,11 +203,16 @@ class SyntheticDatasetWriter(BasePredictionWriter):
             self._buffer.append((png_bytes(image), record))
         if len(self._buffer) >= self.shard_size:
             self._flush()
-        if trainer.received_sigterm:  # Lightning's predict loop never checks: stop here, keeping what is done
-            self._flush()
-            rank_zero_info(f"SIGTERM: stopped with {len(self._done)} images in complete shards; rerun the same "
-                           "command to finish.")
-            raise SIGTERMException(143)
+
+    def _drain(self) -> None:
+        """Wait until the background thread has written every submitted batch (raises its error, if any)."""
+        if self._worker is not None:
+            self._worker.wait()
+
+    def _stop_worker(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
 
     def _flush(self) -> None:
         if not self._buffer:
@@ -137,6 +235,8 @@ class SyntheticDatasetWriter(BasePredictionWriter):
         self._buffer, self._count = [], self._count + 1
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._drain()
+        self._stop_worker()
         self._flush()
         trainer.strategy.barrier()
         if trainer.is_global_zero:
@@ -149,3 +249,11 @@ class SyntheticDatasetWriter(BasePredictionWriter):
             _atomic_write(self.output_dir / MANIFEST_FILE, data)
             rank_zero_info(f"Synthetic dataset: {len(records)} images in {self.output_dir}")
         trainer.strategy.barrier()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # batches already handed over are finished (full shards land as they would have inline; a partial one is
+        # lost, as on any crash), then the thread ends: nothing keeps running after a failed run
+        self._stop_worker()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._stop_worker()

@@ -38,6 +38,7 @@ class ClipScorer(nn.Module):
                  model_config: dict[str, Any] | None = None, freeze: bool = True) -> None:
         super().__init__()
         name = register_model_config(model_config) if model_config else model_name
+        self.name = f"{name}/{pretrained}" if pretrained else name  # recorded where a run names its judge
         self.model = open_clip.create_model(name, pretrained=pretrained)
         self.tokenizer = open_clip.get_tokenizer(name)
         cfg = getattr(self.model.visual, "preprocess_cfg", {})

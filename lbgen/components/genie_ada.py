@@ -47,4 +47,4 @@ def adaptive_strength(generate: Callable[[float], torch.Tensor], judge: Callable
     choice = crossing_index(target, source)
     stacked = torch.stack(images)  # [S, B, 3, H, W]
     chosen = stacked[choice.to(stacked.device), rows.to(stacked.device)]
-    return chosen, torch.tensor(strengths)[choice], target
+    return chosen, torch.tensor(strengths, dtype=torch.float64)[choice], target

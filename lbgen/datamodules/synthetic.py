@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +15,14 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, WeightedRandomSampler, default_collate
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, default_collate
 
 from lbgen.callbacks.dataset_writer import MANIFEST_FILE, RUN_FILE, SHARD_DIR
 from lbgen.components.files import read_json
 from lbgen.datamodules.base import SYNTHETIC, ClassificationDataset, ImageClassificationDataModule, TensorImageSource
 from lbgen.datamodules.requests import request_seed
-from lbgen.datamodules.transforms import augmentation_preset
+from lbgen.datamodules.sampling import KeyedDataset, SeededDistributedSampler
+from lbgen.datamodules.transforms import augmentation_preset, eval_transform
 
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 """What a record's ``id`` and ``shard`` must look like: they become file names, so no separators, no ``..``."""
@@ -108,17 +111,44 @@ def read_manifest(folder: str | Path) -> tuple[dict[str, Any], list[dict[str, An
     return run, records
 
 
-def load_images(folder: str | Path, records: list[dict[str, Any]], image_size: int) -> torch.Tensor:
-    """Decode every record's PNG once from the shards into a uint8 tensor ``[N, 3, S, S]``."""
+def load_images(folder: str | Path, records: list[dict[str, Any]], image_size: int,
+                threads: int | None = None) -> torch.Tensor:
+    """Decode every record's PNG once from the shards into a uint8 tensor ``[N, 3, S, S]``.
+
+    Each shard is read in one sequential pass (``TarFile.extractfile(name)`` would search the member list once per
+    image: quadratic in the shard size); its PNGs are decoded by ``threads`` threads (default: torch's intra-op
+    thread count; PIL decodes without the GIL), one shard at a time so that memory stays bounded.
+    """
     folder = Path(folder)
-    wanted: dict[str, list[int]] = {}
+    threads = max(1, threads or torch.get_num_threads())
+    wanted: dict[str, dict[str, int]] = {}
     for i, record in enumerate(records):
-        wanted.setdefault(record["shard"], []).append(i)
+        wanted.setdefault(record["shard"], {})[record["id"] + ".png"] = i
     out = torch.empty(len(records), 3, image_size, image_size, dtype=torch.uint8)
-    for shard, positions in wanted.items():
-        with tarfile.open(folder / SHARD_DIR / shard) as tar:
-            for i in positions:
-                out[i] = _decode_png(tar, folder / SHARD_DIR / shard, records[i]["id"], image_size)
+
+    def decode_into(i: int, data: bytes, path: Path) -> None:
+        out[i] = decode_png(data, path, records[i]["id"], image_size)
+
+    with ThreadPoolExecutor(threads) if threads > 1 else contextlib.nullcontext() as pool:
+        for shard, positions in wanted.items():
+            path, found, pending = folder / SHARD_DIR / shard, set(), []
+            with tarfile.open(path) as tar:
+                for member in tar:
+                    i = positions.get(member.name)
+                    if i is None or not member.isfile():
+                        continue
+                    data = tar.extractfile(member).read()
+                    if pool is None:
+                        decode_into(i, data, path)
+                    else:
+                        pending.append(pool.submit(decode_into, i, data, path))
+                    found.add(member.name)
+            for job in pending:
+                job.result()  # the first undecodable image, in shard order, is the one reported
+            missing = sorted(positions.keys() - found)
+            if missing:
+                raise ValueError(f"{path} has no image {missing[0]} although the manifest lists it there: the "
+                                 "manifest is from another run or the shard was replaced; regenerate the dataset.")
     return out
 
 
@@ -130,9 +160,10 @@ def _png_bytes(tar: tarfile.TarFile, shard: Path, image_id: str) -> bytes:
                          "from another run or the shard was replaced; regenerate the dataset.") from None
 
 
-def _decode_png(tar: tarfile.TarFile, shard: Path, image_id: str, image_size: int) -> torch.Tensor:
+def decode_png(data: bytes, shard: Path, image_id: str, image_size: int) -> torch.Tensor:
+    """One shard image as a uint8 ``[3, S, S]`` tensor (bicubic resize when generated at another size)."""
     try:
-        image = Image.open(io.BytesIO(_png_bytes(tar, shard, image_id))).convert("RGB")
+        image = Image.open(io.BytesIO(data)).convert("RGB")
     except OSError as err:
         raise ValueError(f"{image_id}.png in {shard} cannot be decoded ({err}); regenerate the dataset.") from err
     if image.size != (image_size, image_size):
@@ -147,14 +178,19 @@ class SyntheticDataModule(ImageClassificationDataModule):
 
     Args:
         folder: the generation run's ``output_dir``.
-        max_per_class: use at most this many images per class (the first by request index).
-        **kwargs: loader and augmentation options of ``ImageClassificationDataModule``.
+        max_per_class: use at most this many images per class (the first by request index, after the view).
+        view: read only the images of a filtered view, ``views/<view>.json`` (written by ``SyntheticScorer``,
+            e.g. ``clip_filtered``); None: every generated image.
+        **kwargs: loader and augmentation options of ``ImageClassificationDataModule`` (``predict_split: train``
+            makes ``lbgen predict`` read every image, as the scorer does).
     """
 
-    def __init__(self, folder: str, max_per_class: int | None = None, **kwargs) -> None:
+    def __init__(self, folder: str, max_per_class: int | None = None, view: str | None = None, **kwargs) -> None:
         super().__init__(max_per_class=max_per_class, **kwargs)
-        self.folder = Path(folder)
+        self.folder, self.view = Path(folder), view
         self.run, records = read_manifest(self.folder)
+        if view is not None:
+            records = self._apply_view(records, view)
         names = (self.run.get("requests") or {}).get("class_names")
         if not names:  # read_manifest checked their form when present
             raise ValueError(f"{self.folder / RUN_FILE} does not name its classes (requests.class_names); it was not "
@@ -169,13 +205,25 @@ class SyntheticDataModule(ImageClassificationDataModule):
             records = kept
         self.records = records
 
+    def _apply_view(self, records: list[dict[str, Any]], view: str) -> list[dict[str, Any]]:
+        path = self.folder / "views" / f"{view}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"No view {view!r} in {self.folder} ({path}); score the dataset first "
+                                    "(lbgen predict -c configs/evaluate/score_synthetic.yaml), or set view: null.")
+        record = read_json(path, "score the dataset again to rewrite it.")
+        kept = set(record.get("kept") or [])
+        if record.get("n_total") != len(records) or not kept <= {r["id"] for r in records}:
+            raise ValueError(f"View {path} was made for another state of {self.folder} ({record.get('n_total')} "
+                             f"images, now {len(records)}): score the dataset again.")
+        return [r for r in records if r["id"] in kept]
+
     @property
     def class_names(self) -> list[str]:
         return list(self._names)
 
     @property
     def dataset_name(self) -> str:
-        return f"synthetic:{self.folder}"
+        return f"synthetic:{self.folder}" + (f"[{self.view}]" if self.view else "")
 
     def load_pool(self) -> tuple[TensorImageSource, np.ndarray]:
         images = load_images(self.folder, self.records, self.image_size)
@@ -193,6 +241,12 @@ class SyntheticDataModule(ImageClassificationDataModule):
             self.train_dataset = ClassificationDataset(images, np.arange(len(labels)), labels,
                                                        augmentation_preset(self.augmentation, self.image_size),
                                                        source=SYNTHETIC)
+        if stage == "predict" and self.predict_dataset is None:
+            if self.predict_split != "train":
+                raise ValueError("A synthetic dataset has only training images: set predict_split: train.")
+            # index i is self.records[i]: a predicting system maps its outputs back to the records
+            self.predict_dataset = ClassificationDataset(images, np.arange(len(labels)), labels, eval_transform(),
+                                                         source=SYNTHETIC)
 
     @property
     def train_class_counts(self) -> list[int]:
@@ -258,13 +312,14 @@ class MixedDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         n_real, n_syn = len(self.real.train_dataset), len(self.synthetic.train_dataset)
-        sampler = None
+        weights = None
         if self.synthetic_fraction is not None:
             weights = torch.cat([torch.full((n_real,), (1 - self.synthetic_fraction) / max(n_real, 1)),
                                  torch.full((n_syn,), self.synthetic_fraction / max(n_syn, 1))])
-            sampler = WeightedRandomSampler(weights, self.samples_per_epoch or n_real + n_syn)
-        return DataLoader(self.train_dataset, batch_size=self.real.batch_size, shuffle=sampler is None,
-                          sampler=sampler, num_workers=self.real.num_workers, collate_fn=default_collate,
+        # seeded, split by rank, keyed per sample: see lbgen.datamodules.sampling
+        sampler = SeededDistributedSampler(self.train_dataset, num_samples=self.samples_per_epoch, weights=weights)
+        return DataLoader(KeyedDataset(self.train_dataset), batch_size=self.real.batch_size, sampler=sampler,
+                          num_workers=self.real.num_workers, collate_fn=default_collate,
                           persistent_workers=self.real.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader | list:

@@ -72,7 +72,8 @@ def consistency_report(records: list[dict[str, Any]], class_names: list[str]) ->
     per_setting: dict[str, list[int]] = defaultdict(list)
     for r in scored:
         per_class[class_names[r["class_index"]]].append(int(r["scores"]["oracle_agrees"]))
-        per_setting[f"{r['method']}@{r.get('strength')}"].append(int(r["scores"]["oracle_agrees"]))
+        setting = f"{r['method']}@{'ada' if 'ada_strength' in r else r.get('strength')}"  # GeNIe-Ada: r per image
+        per_setting[setting].append(int(r["scores"]["oracle_agrees"]))
     return {"overall": _mean(int(r["scores"]["oracle_agrees"]) for r in scored), "n": len(scored),
             "per_class": {k: _mean(v) for k, v in per_class.items()},
             "per_setting": {k: _mean(v) for k, v in per_setting.items()}}
