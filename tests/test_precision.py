@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +100,14 @@ def check_fit(run: Run, low: tuple[str, ...] = ()) -> None:
         check_low(run.spy, low, exclude=set(run.before))
 
 
+def check_first_loss_like_fp32(run: Run, make: Callable[[], L.LightningModule], data: L.LightningDataModule,
+                               root: Path, key: str = "train/loss") -> None:
+    """The bf16 run's first loss equals an fp32 run's (same seed, initial weights and batch) within LOSS_RTOL."""
+    L.seed_everything(0)
+    reference = fit(make(), data, root, FP32, max_steps=1)
+    assert run.first(key) == pytest.approx(reference.first(key), rel=LOSS_RTOL)
+
+
 def check_low(spy: Spy, prefixes: tuple[str, ...], exclude: set[str] = frozenset()) -> None:
     """Every parameter named ``prefixes*`` (but not in ``exclude``) was bf16 at every recorded batch."""
     assert spy.dtypes
@@ -127,9 +136,7 @@ def test_classifier_fit(fmnist_fixture, tmp_path):
     L.seed_everything(0)
     run = fit(classifier(), fashion(fmnist_fixture), tmp_path)
     check_fit(run)
-    L.seed_everything(0)
-    reference = fit(classifier(), fashion(fmnist_fixture), tmp_path / "fp32", FP32, max_steps=1)
-    assert run.first("train/loss") == pytest.approx(reference.first("train/loss"), rel=LOSS_RTOL)
+    check_first_loss_like_fp32(run, classifier, fashion(fmnist_fixture), tmp_path / "fp32")
 
 
 @pytest.fixture(scope="module")
@@ -188,10 +195,8 @@ def test_vae_fit(fmnist_fixture, tmp_path):
     scaling = run.model.scaling_factor
     assert np.isfinite(scaling) and scaling > 0
     assert json.loads((tmp_path / "vae" / "config.json").read_text())["scaling_factor"] == pytest.approx(scaling)
-    L.seed_everything(0)
-    reference = fit(vae_system(tmp_path / "fp32"), fashion(fmnist_fixture, image_size=16), tmp_path / "fp32", FP32,
-                    max_steps=1)
-    assert run.first("train/loss") == pytest.approx(reference.first("train/loss"), rel=LOSS_RTOL)
+    check_first_loss_like_fp32(run, lambda: vae_system(tmp_path / "fp32"), fashion(fmnist_fixture, image_size=16),
+                               tmp_path / "fp32")
 
 
 # --- text-to-image generator ---------------------------------------------------------------------------------------
@@ -207,10 +212,8 @@ def test_text_to_image_fit(mode, low, tiny_generator, fmnist_fixture, tmp_path):
     run = fit(t2i(tiny_generator, mode, tmp_path), fashion(fmnist_fixture, image_size=16), tmp_path)
     check_fit(run, low)
     assert (tmp_path / "out").is_dir()
-    L.seed_everything(0)
-    reference = fit(t2i(tiny_generator, mode, tmp_path / "fp32"), fashion(fmnist_fixture, image_size=16),
-                    tmp_path / "fp32", FP32, max_steps=1)
-    assert run.first("train/denoising") == pytest.approx(reference.first("train/denoising"), rel=LOSS_RTOL)
+    check_first_loss_like_fp32(run, lambda: t2i(tiny_generator, mode, tmp_path / "fp32"),
+                               fashion(fmnist_fixture, image_size=16), tmp_path / "fp32", "train/denoising")
 
 
 # --- CLIP and quality judges ---------------------------------------------------------------------------------------
@@ -224,9 +227,7 @@ def test_clip_fit(fmnist_fixture, tmp_path):
     L.seed_everything(0)
     run = fit(clip_system(), data, tmp_path)
     check_fit(run)
-    L.seed_everything(0)
-    reference = fit(clip_system(), data, tmp_path / "fp32", FP32, max_steps=1)
-    assert run.first("train/loss") == pytest.approx(reference.first("train/loss"), rel=LOSS_RTOL)
+    check_first_loss_like_fp32(run, clip_system, data, tmp_path / "fp32")
 
 
 def quality_system() -> QualityTrainer:
@@ -240,9 +241,7 @@ def test_quality_fit(fmnist_fixture, tmp_path):
     L.seed_everything(0)
     run = fit(quality_system(), data, tmp_path)
     check_fit(run)
-    L.seed_everything(0)
-    reference = fit(quality_system(), data, tmp_path / "fp32", FP32, max_steps=1)
-    assert run.first("train/ranking") == pytest.approx(reference.first("train/ranking"), rel=LOSS_RTOL)
+    check_first_loss_like_fp32(run, quality_system, data, tmp_path / "fp32", "train/ranking")
 
 
 # --- lbGen ---------------------------------------------------------------------------------------------------------

@@ -121,8 +121,3 @@ class KeyedDataset(Dataset):
         if key is not None and isinstance(sample, dict):
             sample = {**sample, "sample_key": key}
         return sample
-
-    def __getattr__(self, name: str) -> Any:  # the wrapped dataset's attributes (positions, images, ...)
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)

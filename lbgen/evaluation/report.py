@@ -180,11 +180,6 @@ def write_report(spec: dict[str, Any], workdir: str | Path, title: str = "experi
     return path
 
 
-def _mean_curve(workdir: Path, points: dict[Any, str]) -> tuple[list[float], list[float]]:
-    xs, ys, _ = _curve(workdir, points)
-    return xs, ys
-
-
 def exchange_rate_section(spec: dict[str, Any], workdir: Path, stem: str) -> list[str]:
     """Closed-set exchange rate: per base size, the real curve (images added) and each generator's synthetic curve;
     every synthetic point mapped to the real images of equal accuracy, and the law fitted per generator.
@@ -204,12 +199,12 @@ def exchange_rate_section(spec: dict[str, Any], workdir: Path, stem: str) -> lis
              "|---:|---|---:|---:|---:|"]
     for base in spec.get("bases") or []:
         n_base = float(base["n_base"])
-        real_x, real_y = _mean_curve(workdir, base.get("real") or {})
+        real_x, real_y, _ = _curve(workdir, base.get("real") or {})
         if real_x:
             series[f"real, n_base {n_base:g}"] = (real_x, real_y, [0.0] * len(real_x))
             table += [f"| {n_base:g} | real | {x:g} | {y:.2f} | {x:g} |" for x, y in zip(real_x, real_y, strict=True)]
         for name, curve in (base.get("synthetic") or {}).items():
-            syn_x, syn_y = _mean_curve(workdir, curve)
+            syn_x, syn_y, _ = _curve(workdir, curve)
             if not syn_x:
                 continue
             series[f"{name}, n_base {n_base:g}"] = (syn_x, syn_y, [0.0] * len(syn_x))

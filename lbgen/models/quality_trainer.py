@@ -5,7 +5,6 @@ L_q then loads it with ``QualityLoss(metric=..., checkpoint=FOLDER)``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from lbgen.components import randomness
 from lbgen.components.distortions import DISTORTIONS, distort_each
+from lbgen.components.randomness import derive_seed
 from lbgen.losses.quality import QUALITY_CONFIG_FILE, QUALITY_WEIGHTS_FILE, QualityLoss
 from lbgen.models.classifier import unpack_batch
 from lbgen.models.optim import configure_optimizers, ensure_finite, gather_global
@@ -73,8 +73,7 @@ class Spearman(Metric):
 
 
 def batch_seed(base: int, stage: str, step: int, rank: int) -> int:
-    digest = hashlib.sha256(f"lbgen-quality:{base}:{stage}:{step}:{rank}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+    return derive_seed("lbgen-quality", base, stage, step, rank)
 
 
 class QualityTrainer(L.LightningModule):

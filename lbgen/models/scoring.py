@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lbgen.callbacks.dataset_writer import MANIFEST_FILE, _atomic_write
 from lbgen.components.clip import ClipScorer
+from lbgen.datamodules.synthetic import read_manifest
 from lbgen.models.text_to_image import class_caption, low_precision_setup
 
 CONSISTENCY_FILE, VIEW_DIR = "label_consistency.json", "views"
@@ -34,20 +35,22 @@ def filter_view(records: list[dict[str, Any]], class_names: list[str], mode: Fil
         raise ValueError(f"filter mode must be 'none', 'global' or 'per_class', got {mode!r}.")
     if not 0 <= reject_fraction < 1:
         raise ValueError(f"reject_fraction must be in [0, 1), got {reject_fraction}.")
+    by_class: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        by_class[r["class_index"]].append(r)
     if mode == "global":
         kept = [r for r in records if r["scores"]["clip_prob"] >= threshold]
     elif mode == "per_class":
         kept = []
-        for c in range(len(class_names)):
-            own = sorted((r for r in records if r["class_index"] == c), key=lambda r: (r["scores"]["clip_prob"],
-                                                                                        r["id"]))
+        for own in by_class.values():
+            own = sorted(own, key=lambda r: (r["scores"]["clip_prob"], r["id"]))
             kept += own[math.floor(reject_fraction * len(own)):]
     else:
         kept = list(records)
     kept_ids = {r["id"] for r in kept}
     per_class = {}
     for c, name in enumerate(class_names):
-        own = [r for r in records if r["class_index"] == c]
+        own = by_class.get(c, [])
         rejected = [r for r in own if r["id"] not in kept_ids]
         per_class[name] = {"generated": len(own), "rejected": len(rejected), "kept": len(own) - len(rejected),
                            "mean_clip_prob": _mean(r["scores"]["clip_prob"] for r in own),
@@ -179,7 +182,7 @@ class SyntheticScorer(L.LightningModule):
         for r in records:
             r["scores"] = by_id[r["id"]]
         # the manifest keeps every generated image (a view may hold fewer): rewrite it with the scores
-        manifest = [json.loads(line) for line in (folder / MANIFEST_FILE).read_text().splitlines() if line]
+        _, manifest = read_manifest(folder)  # every record (the data module may read a view of fewer)
         for r in manifest:
             if r["id"] in by_id:
                 r["scores"] = by_id[r["id"]]
