@@ -74,6 +74,10 @@ def shrink(node, paths: dict[str, Path]):
         args["attribute_bank"] = str(paths["bank"])
     elif name == "AttributeExtractionSystem":
         args["output"] = str(paths["out"] / "attributes.json")
+    elif name == "FewShotEpisodes":
+        # fast_dev_run reads one batch (16 test images): 2-way episodes with one query
+        args.update(output=str(paths["out"] / "fewshot.json"), n_way=2, k_shots=[1], n_query=1, episodes=3,
+                    synthetic_per_class=[0, 1])
     elif name == "ClassNamesDataModule":
         args.update(batch_size=2, samples_per_epoch=4, val_per_class=1)
     elif name == "LbGenTrainer":

@@ -106,6 +106,23 @@ consistency:
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG" and f"![]({png})" in text
 
 
+def test_report_long_tail_buckets_and_fewshot_episodes(tmp_path):
+    for seed, (few, many) in enumerate(((0.2, 0.9), (0.4, 0.8))):
+        run = tmp_path / f"runs/lt/s{seed}/version_0"
+        run.mkdir(parents=True)
+        run.joinpath("test_metrics.json").write_text(json.dumps({"acc": 0.7, "acc_many": many, "acc_few": few}))
+    (tmp_path / "runs/fs").mkdir(parents=True)
+    (tmp_path / "runs/fs/b.json").write_text(json.dumps({"n_way": 5, "results": [
+        {"k_shot": 1, "synthetic_per_class": 10, "mean": 61.5, "ci95": 0.8, "episodes": 600}]}))
+    spec = {"long_tail": [{"label": "lt", "runs": "runs/lt/s*"}],
+            "fewshot": [{"label": "b", "file": "runs/fs/b.json"}, {"label": "none", "file": "runs/fs/x.json"}]}
+    text = write_report(spec, tmp_path).read_text()
+    few = mean_ci([20.0, 40.0])
+    many = mean_ci([90.0, 80.0])
+    assert f"| lt | 70.00 ± 0.00 | {many[0]:.2f} ± {many[1]:.2f} | - | {few[0]:.2f} ± {few[1]:.2f} | 2 |" in text
+    assert "| b | 5 | 1 | 10 | 61.50 ± 0.80 | 600 |" in text and "| none | not run |" in text
+
+
 def test_report_exchange_rate_recovers_the_law_from_classifier_runs(tmp_path):
     import math
 
@@ -131,3 +148,24 @@ def test_report_exchange_rate_recovers_the_law_from_classifier_runs(tmp_path):
     fitted_c1, fitted_c2 = (float(cell.split()[0]) for cell in row.split("|")[2:4])
     assert fitted_c1 == pytest.approx(c1, rel=0.05) and fitted_c2 == pytest.approx(c2, rel=0.05)
     assert (tmp_path / "report_exchange_rate.png").is_file() and row.endswith("| 9 |")
+
+
+def test_in_process_runner_runs_real_stages_and_reports_failures(tmp_path, fmnist_fixture):
+    recipe = REPO / "configs/classifier/fashion_5shot.yaml"
+    tiny = (f"--data.init_args.root {fmnist_fixture} --data.init_args.image_size 16 --data.init_args.val_per_class 2 "
+            "--data.init_args.samples_per_epoch 16 --data.init_args.batch_size 8 --model.init_args.backbone.init_args."
+            "model_name test_resnet --trainer.max_steps 2 --trainer.accelerator cpu")
+    spec = {"stages": [{"name": "c-{seed}", "for_each": {"seed": [0, 1]},
+                        "run": f"fit -c {recipe} {tiny} --data.init_args.split_seed {{seed}} "
+                               "--trainer.default_root_dir runs/c{seed}",
+                        "done": "runs/c{seed}/version_0/test_metrics.json"}]}
+    work, here = tmp_path / "work", Path.cwd()
+    results = run_stages(expand_stages(spec), work, [], in_process=True)
+    assert [r["status"] for r in results] == ["ran", "ran"] and Path.cwd() == here
+    for seed in (0, 1):  # each stage read its own arguments
+        config = yaml.safe_load((work / f"runs/c{seed}/version_0/config.yaml").read_text())
+        assert config["data"]["init_args"]["split_seed"] == seed
+    bad = {"stages": [{"name": "bad", "run": f"fit -c {recipe} --trainer.no_such_option 1", "done": "never"}]}
+    with pytest.raises(RuntimeError, match="Stage bad failed"):
+        run_stages(expand_stages(bad), work, [], in_process=True)
+    assert Path.cwd() == here

@@ -91,3 +91,37 @@ def test_exchange_rate_fit_recovers_known_constants():
     assert fit.c1_ci[0] < c1 < fit.c1_ci[1] and fit.c2_ci[0] < c2 < fit.c2_ci[1]
     with pytest.raises(ValueError, match="at least 3"):
         fit_exchange_rate(points[:2], k=k)
+
+
+def test_fewshot_episodes_system_writes_rows_for_every_shot_and_support(fmnist_fixture, tiny_generator, tmp_path):
+    import json
+
+    import lightning as L
+
+    from lbgen.components import TimmBackbone
+    from lbgen.datamodules import EpisodeDataModule, FashionMNISTDataModule, SyntheticDataModule
+    from lbgen.models import FewShotEpisodes
+
+    from .test_generation import generate
+
+    generate(tiny_generator, fmnist_fixture, tmp_path / "syn", images_per_class=3)
+
+    def run(out: str, synthetic: bool, per_class: list[int]) -> dict:
+        real = FashionMNISTDataModule(root=str(fmnist_fixture), image_size=16, predict_split="test")
+        syn = SyntheticDataModule(str(tmp_path / "syn"), image_size=16) if synthetic else None
+        torch.manual_seed(0)
+        model = FewShotEpisodes(TimmBackbone("test_resnet"), str(tmp_path / out), k_shots=[1, 2], n_query=2,
+                                episodes=4, synthetic_per_class=per_class)
+        L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).predict(
+            model, EpisodeDataModule(real, syn), return_predictions=False)
+        return json.loads((tmp_path / out).read_text())
+
+    result = run("a.json", True, [0, 3])
+    rows = {(r["k_shot"], r["synthetic_per_class"]): r for r in result["results"]}
+    assert set(rows) == {(1, 0), (1, 3), (2, 0), (2, 3)} and result["real_images"] == 60
+    assert all(0 <= r["mean"] <= 100 and r["episodes"] == 4 for r in rows.values())
+    assert "+ synthetic" in (tmp_path / "a.md").read_text()
+    again = run("b.json", False, [0])  # same seed, no synthetic set: the real-only rows are the same episodes
+    assert [r for r in again["results"]] == [rows[(1, 0)], rows[(2, 0)]]
+    with pytest.raises(ValueError, match="needs a synthetic dataset"):
+        run("c.json", False, [0, 3])

@@ -206,6 +206,51 @@ def test_mixed_data_trains_a_classifier(tiny_generator, fmnist_fixture, tmp_path
         MixedDataModule(real, other)
 
 
+def test_mixed_data_adds_synthetic_images_to_the_tail_only(tiny_generator, fmnist_fixture, tmp_path):
+    generate(tiny_generator, fmnist_fixture, tmp_path / "syn", images_per_class=2)
+    real = FashionMNISTDataModule(root=str(fmnist_fixture), imbalance_factor=20, max_per_class=25, image_size=16,
+                                  batch_size=8, val_per_class=1)
+    synthetic = SyntheticDataModule(str(tmp_path / "syn"), image_size=16)
+    mixed = MixedDataModule(real, synthetic, synthetic_fraction=0.5, samples_per_epoch=40, synthetic_below=5)
+    mixed.setup("fit")
+    counts = np.asarray(real.train_class_counts)
+    tail = set(np.flatnonzero(counts < 5).tolist())
+    assert 0 < len(tail) < 10
+    added = mixed.train_dataset.datasets[1]
+    assert sorted({added[i]["label"] for i in range(len(added))}) == sorted(tail) and len(added) == 2 * len(tail)
+    drawn = [batch["label"][batch["source"] == 1].tolist() for batch in mixed.train_dataloader()]
+    assert {c for labels in drawn for c in labels} <= tail  # the loader draws synthetic images of tail classes only
+    with pytest.raises(ValueError, match="No class has fewer"):
+        MixedDataModule(real, synthetic, synthetic_below=1).setup("fit")
+
+
+def test_synthetic_union_of_folders(tiny_generator, fmnist_fixture, tmp_path):
+    generate(tiny_generator, fmnist_fixture, tmp_path / "a", images_per_class=2)
+    generate(tiny_generator, fmnist_fixture, tmp_path / "b", images_per_class=1, base_seed=5)
+    a = SyntheticDataModule(str(tmp_path / "a"), image_size=16)
+    b = SyntheticDataModule(str(tmp_path / "b"), image_size=16)
+    both = SyntheticDataModule([str(tmp_path / "a"), str(tmp_path / "b")], image_size=16, max_per_class=1)
+    assert both.train_class_counts == [2] * 10 and len(both.records) == 20
+    images, labels = both.pool
+    first = [i for i, r in enumerate(a.records) if r["index"] == 0]  # max_per_class keeps index 0 of each class
+    assert torch.equal(images.images[:10], a.pool[0].images[first]) and torch.equal(images.images[10:],
+                                                                                     b.pool[0].images)
+    assert labels.tolist() == [a.records[i]["class_index"] for i in first] + b.pool[1].tolist()
+    with pytest.raises(ValueError, match="repeat"):
+        SyntheticDataModule([str(tmp_path / "a"), str(tmp_path / "a")])
+    with pytest.raises(ValueError, match="score or filter each"):
+        _ = both.folder
+    run = json.loads((tmp_path / "b" / "run.json").read_text())
+    run["requests"]["class_names"] = list(reversed(run["requests"]["class_names"]))
+    (tmp_path / "b" / "run.json").write_text(json.dumps(run))
+    manifest = tmp_path / "b" / "manifest.jsonl"  # records without class_name, so that b alone stays readable
+    manifest.write_text("".join(json.dumps({k: v for k, v in json.loads(line).items() if k != "class_name"}) + "\n"
+                                for line in manifest.read_text().splitlines()))
+    SyntheticDataModule(str(tmp_path / "b"))
+    with pytest.raises(ValueError, match="one class list"):
+        SyntheticDataModule([str(tmp_path / "a"), str(tmp_path / "b")])
+
+
 def test_export_image_folder(tiny_generator, fmnist_fixture, tmp_path):
     generate(tiny_generator, fmnist_fixture, tmp_path / "syn", images_per_class=1)
     from lbgen.cli import main

@@ -4,6 +4,7 @@ from lbgen.datamodules.base import REAL, SYNTHETIC, ClassificationDataset, Image
 from lbgen.datamodules.captioned import AttributeCaptionedDataModule
 from lbgen.datamodules.class_names import ClassNamesDataModule
 from lbgen.datamodules.contextual import ContextualFashionMNISTDataModule
+from lbgen.datamodules.episodes import EpisodeDataModule
 from lbgen.datamodules.fashion_mnist import CLASS_NAMES as FASHION_MNIST_CLASSES
 from lbgen.datamodules.fashion_mnist import FashionMNISTDataModule
 from lbgen.datamodules.image_folder import BadImageError, ImageFolderDataModule
@@ -13,7 +14,7 @@ from lbgen.datamodules.splits import Split, long_tail_counts, make_split
 from lbgen.datamodules.synthetic import MixedDataModule, SyntheticDataModule, read_manifest
 
 __all__ = ["REAL", "SYNTHETIC", "FASHION_MNIST_CLASSES", "AttributeCaptionedDataModule", "BadImageError",
-           "ClassNamesDataModule", "ClassificationDataset", "ContextualFashionMNISTDataModule",
+           "ClassNamesDataModule", "ClassificationDataset", "ContextualFashionMNISTDataModule", "EpisodeDataModule",
            "FashionMNISTDataModule", "GenerationRequestsDataModule", "ImageClassificationDataModule",
            "ImageFolderDataModule", "KeyedDataset", "MixedDataModule", "SeededDistributedSampler",
            "Split", "SyntheticDataModule", "long_tail_counts",

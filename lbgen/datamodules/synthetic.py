@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, default_collate
 
@@ -177,43 +178,66 @@ class SyntheticDataModule(ImageClassificationDataModule):
     Images are decoded once at set-up and kept in memory (about 3 KB per 32x32 image).
 
     Args:
-        folder: the generation run's ``output_dir``.
-        max_per_class: use at most this many images per class (the first by request index, after the view).
+        folder: the generation run's ``output_dir``, or a list of them to train on their union (for example
+            txt2img and GeNIe images together); every run must have the same classes.
+        max_per_class: use at most this many images per class and folder (the first by request index, after the
+            view).
         view: read only the images of a filtered view, ``views/<view>.json`` (written by ``SyntheticScorer``,
-            e.g. ``clip_filtered``); None: every generated image.
+            e.g. ``clip_filtered``), in every folder; None: every generated image.
         **kwargs: loader and augmentation options of ``ImageClassificationDataModule`` (``predict_split: train``
             makes ``lbgen predict`` read every image, as the scorer does).
     """
 
-    def __init__(self, folder: str, max_per_class: int | None = None, view: str | None = None, **kwargs) -> None:
+    def __init__(self, folder: str | list[str], max_per_class: int | None = None, view: str | None = None,
+                 **kwargs) -> None:
         super().__init__(max_per_class=max_per_class, **kwargs)
-        self.folder, self.view = Path(folder), view
-        self.run, records = read_manifest(self.folder)
-        if view is not None:
-            records = self._apply_view(records, view)
-        names = (self.run.get("requests") or {}).get("class_names")
-        if not names:  # read_manifest checked their form when present
-            raise ValueError(f"{self.folder / RUN_FILE} does not name its classes (requests.class_names); it was not "
-                             "written by lbgen's generation stage: regenerate the dataset.")
-        self._names = list(names)
-        if max_per_class is not None:
-            kept, seen = [], {}
-            for r in sorted(records, key=lambda r: (r["class_index"], r.get("index", 0))):
-                if seen.get(r["class_index"], 0) < max_per_class:
-                    kept.append(r)
-                    seen[r["class_index"]] = seen.get(r["class_index"], 0) + 1
-            records = kept
-        self.records = records
+        folders = [folder] if isinstance(folder, (str, Path)) else list(folder)
+        if not folders:
+            raise ValueError("SyntheticDataModule needs at least one dataset folder.")
+        if len({str(Path(f).resolve()) for f in folders}) < len(folders):
+            raise ValueError(f"Dataset folders {folders} repeat a folder: its images would count twice.")
+        self.folders, self.view = [Path(f) for f in folders], view
+        self.parts: list[tuple[Path, list[dict[str, Any]]]] = []
+        for path in self.folders:
+            run, records = read_manifest(path)
+            names = (run.get("requests") or {}).get("class_names")
+            if not names:  # read_manifest checked their form when present
+                raise ValueError(f"{path / RUN_FILE} does not name its classes (requests.class_names); it was not "
+                                 "written by lbgen's generation stage: regenerate the dataset.")
+            if self.parts and list(names) != self._names:
+                raise ValueError(f"{path} was generated for classes {names}, {self.folders[0]} for {self._names}: "
+                                 "datasets trained on together must share one class list.")
+            self.run, self._names = run, list(names)
+            if view is not None:
+                records = self._apply_view(path, records, view)
+            if max_per_class is not None:
+                kept, seen = [], {}
+                for r in sorted(records, key=lambda r: (r["class_index"], r.get("index", 0))):
+                    if seen.get(r["class_index"], 0) < max_per_class:
+                        kept.append(r)
+                        seen[r["class_index"]] = seen.get(r["class_index"], 0) + 1
+                records = kept
+            self.parts.append((path, records))
+        self.records = [r for _, records in self.parts for r in records]
 
-    def _apply_view(self, records: list[dict[str, Any]], view: str) -> list[dict[str, Any]]:
-        path = self.folder / "views" / f"{view}.json"
+    @property
+    def folder(self) -> Path:
+        """The dataset folder; only defined for a single one (the scorer writes into it)."""
+        if len(self.folders) > 1:
+            raise ValueError(f"This SyntheticDataModule reads {len(self.folders)} folders; score or filter each "
+                             "dataset folder on its own.")
+        return self.folders[0]
+
+    @staticmethod
+    def _apply_view(folder: Path, records: list[dict[str, Any]], view: str) -> list[dict[str, Any]]:
+        path = folder / "views" / f"{view}.json"
         if not path.is_file():
-            raise FileNotFoundError(f"No view {view!r} in {self.folder} ({path}); score the dataset first "
+            raise FileNotFoundError(f"No view {view!r} in {folder} ({path}); score the dataset first "
                                     "(lbgen predict -c configs/evaluate/score_synthetic.yaml), or set view: null.")
         record = read_json(path, "score the dataset again to rewrite it.")
         kept = set(record.get("kept") or [])
         if record.get("n_total") != len(records) or not kept <= {r["id"] for r in records}:
-            raise ValueError(f"View {path} was made for another state of {self.folder} ({record.get('n_total')} "
+            raise ValueError(f"View {path} was made for another state of {folder} ({record.get('n_total')} "
                              f"images, now {len(records)}): score the dataset again.")
         return [r for r in records if r["id"] in kept]
 
@@ -223,10 +247,10 @@ class SyntheticDataModule(ImageClassificationDataModule):
 
     @property
     def dataset_name(self) -> str:
-        return f"synthetic:{self.folder}" + (f"[{self.view}]" if self.view else "")
+        return "synthetic:" + "+".join(map(str, self.folders)) + (f"[{self.view}]" if self.view else "")
 
     def load_pool(self) -> tuple[TensorImageSource, np.ndarray]:
-        images = load_images(self.folder, self.records, self.image_size)
+        images = torch.cat([load_images(path, records, self.image_size) for path, records in self.parts])
         return TensorImageSource(images, "synthetic"), np.array([r["class_index"] for r in self.records])
 
     def load_test(self):
@@ -266,13 +290,16 @@ class MixedDataModule(L.LightningDataModule):
         synthetic: the synthetic DataModule; its classes must equal the real ones.
         synthetic_fraction: expected share of synthetic samples per epoch (None: as concatenated).
         samples_per_epoch: samples per epoch when ``synthetic_fraction`` is set (default: both sets' sizes).
+        synthetic_below: add synthetic images only to classes with fewer than this many real training images
+            (long tail: the classifier's ``few_threshold``, 20, feeds the Few bucket only); None: every class.
     """
 
     def __init__(self, real: ImageClassificationDataModule, synthetic: SyntheticDataModule,
-                 synthetic_fraction: float | None = None, samples_per_epoch: int | None = None) -> None:
+                 synthetic_fraction: float | None = None, samples_per_epoch: int | None = None,
+                 synthetic_below: int | None = None) -> None:
         super().__init__()
         if real.class_names != synthetic.class_names:
-            raise ValueError(f"Synthetic classes {synthetic.class_names} (from {synthetic.folder}) differ from real "
+            raise ValueError(f"Synthetic classes {synthetic.class_names} ({synthetic.dataset_name}) differ from real "
                              f"classes {real.class_names}: generate with the real DataModule's class list, or use the "
                              "dataset generated for these classes.")
         if synthetic_fraction is not None and not 0.0 <= synthetic_fraction <= 1.0:
@@ -281,8 +308,11 @@ class MixedDataModule(L.LightningDataModule):
             raise ValueError(f"synthetic image_size {synthetic.image_size} differs from real {real.image_size}: set "
                              "both DataModules' image_size to the classifier's input size (synthetic images are "
                              "resized to it whatever size they were generated at).")
+        if synthetic_below is not None and synthetic_below < 1:
+            raise ValueError(f"synthetic_below must be a positive number of real images, got {synthetic_below}.")
         self.real, self.synthetic = real, synthetic
         self.synthetic_fraction, self.samples_per_epoch = synthetic_fraction, samples_per_epoch
+        self.synthetic_below = synthetic_below
         self.train_dataset: Dataset | None = None
 
     @property
@@ -308,10 +338,23 @@ class MixedDataModule(L.LightningDataModule):
         self.real.setup(stage)
         if stage == "fit":
             self.synthetic.setup("fit")
-            self.train_dataset = ConcatDataset([self.real.train_dataset, self.synthetic.train_dataset])
+            synthetic = self.synthetic.train_dataset
+            if self.synthetic_below is not None:
+                counts = np.asarray(self.real.train_class_counts)
+                chosen = np.flatnonzero(counts < self.synthetic_below)
+                if len(chosen) == 0:
+                    raise ValueError(f"No class has fewer than synthetic_below={self.synthetic_below} real training "
+                                     f"images (counts {counts.tolist()}): no synthetic image would be used.")
+                keep = synthetic.positions[np.isin(synthetic.labels[synthetic.positions], chosen)]
+                synthetic = ClassificationDataset(synthetic.images, keep, synthetic.labels, synthetic.transform,
+                                                  source=synthetic.source)
+                rank_zero_info(f"Synthetic images for the {len(chosen)} classes with fewer than {self.synthetic_below} "
+                               f"real images ({[self.class_names[c] for c in chosen]}): {len(keep)}")
+            self.train_dataset = ConcatDataset([self.real.train_dataset, synthetic])
 
     def train_dataloader(self) -> DataLoader:
-        n_real, n_syn = len(self.real.train_dataset), len(self.synthetic.train_dataset)
+        n_real = len(self.real.train_dataset)
+        n_syn = len(self.train_dataset) - n_real
         weights = None
         if self.synthetic_fraction is not None:
             weights = torch.cat([torch.full((n_real,), (1 - self.synthetic_fraction) / max(n_real, 1)),

@@ -16,6 +16,10 @@ Report spec (the ``report`` section of an experiment file; every path relative t
       consistency: {0.5: runs/synthetic/genie_r0.5, 0.8: runs/synthetic/genie}
     consistency:         # label consistency per dataset (scored by SyntheticScorer)
       - {label: txt2img, folder: runs/synthetic/txt2img}
+    long_tail:           # overall and Many / Medium / Few accuracy of long-tailed runs
+      - {label: real only, runs: runs/classifier/lt100/s*}
+    fewshot:             # few-shot episodes (FewShotEpisodes' JSON files)
+      - {label: lbGen backbone, file: runs/fewshot/lbgen_backbone.json}
 """
 
 from __future__ import annotations
@@ -31,11 +35,13 @@ from lbgen.evaluation.fewshot import mean_ci
 REPORT_FILE = "report.md"
 
 
-def run_accuracies(workdir: Path, pattern: str) -> list[float]:
-    """Top-1 accuracies (%) of every tested run (``version_*/test_metrics.json``) under the roots ``pattern``."""
+def run_accuracies(workdir: Path, pattern: str, key: str = "acc") -> list[float]:
+    """``key`` (%) of every tested run (``version_*/test_metrics.json``) under the roots ``pattern``: top-1 by
+    default, ``acc_many`` / ``acc_medium`` / ``acc_few`` for the long-tail buckets (runs without it are skipped)."""
     roots = sorted(workdir.glob(pattern)) if any(c in pattern for c in "*?[") else [workdir / pattern]
     files = sorted(f for root in roots for f in root.glob("version_*/test_metrics.json"))
-    return [100 * json.loads(f.read_text())["acc"] for f in files]
+    metrics = [json.loads(f.read_text()) for f in files]
+    return [100 * m[key] for m in metrics if key in m]
 
 
 def _cell(values: list[float]) -> str:
@@ -164,6 +170,29 @@ def write_report(spec: dict[str, Any], workdir: str | Path, title: str = "experi
             weakest = min(report["per_class"].items(), key=lambda kv: kv[1])
             lines.append(f"| {row['label']} | {100 * report['overall']:.1f} | {weakest[0]} "
                          f"({100 * weakest[1]:.0f}%) | {report['n']} |")
+        lines.append("")
+    if spec.get("long_tail"):
+        lines += ["## Long tail", "", "Top-1 % overall and per bucket of classes by their real training images "
+                  "(Many > 100, Medium 20-100, Few < 20); mean ± 95% CI over runs.", "",
+                  "| data | overall | Many | Medium | Few | runs |", "|---|---:|---:|---:|---:|---:|"]
+        for row in spec["long_tail"]:
+            cells = [_cell(run_accuracies(workdir, row["runs"], key))
+                     for key in ("acc", "acc_many", "acc_medium", "acc_few")]
+            lines.append(f"| {row['label']} | {' | '.join(cells)} | {len(run_accuracies(workdir, row['runs']))} |")
+        lines.append("")
+    if spec.get("fewshot"):
+        lines += ["## Few-shot episodes", "", "N-way K-shot episodes on a frozen backbone's features (mean accuracy "
+                  "over episodes ± 95% CI); synthetic images of the episode's classes added to the support set.", "",
+                  "| backbone | way | shot | + synthetic per class | accuracy % | episodes |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for row in spec["fewshot"]:
+            path = workdir / row["file"]
+            if not path.is_file():
+                lines.append(f"| {row['label']} | not run | - | - | - | - |")
+                continue
+            result = json.loads(path.read_text())
+            lines += [f"| {row['label']} | {result['n_way']} | {r['k_shot']} | {r['synthetic_per_class']} | "
+                      f"{r['mean']:.2f} ± {r['ci95']:.2f} | {r['episodes']} |" for r in result["results"]]
         lines.append("")
     if spec.get("exchange_rate"):
         lines += exchange_rate_section(spec["exchange_rate"], workdir, stem)

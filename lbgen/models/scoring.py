@@ -141,6 +141,7 @@ class SyntheticScorer(L.LightningModule):
             raise ValueError(f"The oracle has {self.oracle.num_classes} classes, the dataset {len(self.class_names)}.")
 
     def on_predict_start(self) -> None:
+        _ = self.trainer.datamodule.folder  # one dataset folder: refuse a union before any work
         self._scores = []
 
     @torch.no_grad()
