@@ -110,7 +110,7 @@ def _run_in_process(args: list[str], workdir: Path) -> int:
         lbgen_main(args)
         return 0
     except SystemExit as err:  # LightningCLI exits on bad arguments, after printing why
-        return err.code if isinstance(err.code, int) else 1
+        return 0 if err.code is None else err.code if isinstance(err.code, int) else 1
     except Exception:  # noqa: BLE001 - reported like a failed subprocess; the runner stops with the stage's name
         import traceback
 

@@ -96,12 +96,17 @@ noise_ratio:
 consistency:
   - {label: genie, folder: runs/syn/genie}
   - {label: unscored, folder: runs/syn/other}
+more_accuracy:
+  - title: Seed 0
+    baseline: real
+    rows: [{label: real, runs: runs/real/s0}, {label: genie, runs: runs/genie/s0}]
 """)
     text = write_report(spec, tmp_path, title="t").read_text()
     mean, half = mean_ci([70.0, 71.0, 75.0])
     assert f"| genie | **{mean:.2f} ± {half:.2f}** | +{mean - 62.0:.2f} | 3 |" in text
     assert "| missing | - | - | 0 |" in text and "| unscored | not scored |" in text
     assert "| genie | 80.0 | b (70%) | 10 |" in text
+    assert "## Seed 0" in text and "| genie | **70.00** | +10.00 | 1 |" in text
     for png in ("report_accuracy_vs_synthetic.png", "report_noise_ratio.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG" and f"![]({png})" in text
 

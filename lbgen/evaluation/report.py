@@ -8,6 +8,8 @@ Report spec (the ``report`` section of an experiment file; every path relative t
       - {label: real only, runs: runs/classifier/real_only/s*}
       - {label: real + txt2img, runs: runs/classifier/txt2img/s*}
     baseline: real only  # the row the others are compared with
+    more_accuracy:       # further tables of the same form (another protocol, other seeds)
+      - {title: Three split seeds, caption: ..., baseline: real only, rows: [{label: real only, runs: ...}]}
     synthetic_per_class: # accuracy vs synthetic images per class, one line per method
       - {label: txt2img, points: {0: runs/classifier/real_only/s*, 100: runs/classifier/txt2img/s*}}
     noise_ratio:         # accuracy and label consistency vs r
@@ -127,6 +129,11 @@ def write_report(spec: dict[str, Any], workdir: str | Path, title: str = "experi
         lines += ["## Accuracy", "", spec.get("accuracy_caption", "Top-1 % on the test set; mean over runs (seeds) "
                   "with the half-width of a Student-t 95% confidence interval (none for a single run)."), "",
                   accuracy_table(rows, spec.get("baseline")), ""]
+    for table in spec.get("more_accuracy") or []:
+        if not {"title", "rows"} <= set(table):
+            raise ValueError(f"A more_accuracy table needs title and rows, got {sorted(table)}.")
+        lines += [f"## {table['title']}", "", table.get("caption", ""), "",
+                  accuracy_table(accuracy_rows(workdir, table["rows"]), table.get("baseline")), ""]
     if spec.get("synthetic_per_class"):
         series = {s["label"]: _curve(workdir, s["points"]) for s in spec["synthetic_per_class"]}
         series = {k: v for k, v in series.items() if v[0]}
