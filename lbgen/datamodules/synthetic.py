@@ -207,7 +207,9 @@ class SyntheticDataModule(ImageClassificationDataModule):
             if self.parts and list(names) != self._names:
                 raise ValueError(f"{path} was generated for classes {names}, {self.folders[0]} for {self._names}: "
                                  "datasets trained on together must share one class list.")
-            self.run, self._names = run, list(names)
+            if not self.parts:  # the first folder's run description (the others share its classes)
+                self.run = run
+            self._names = list(names)
             if view is not None:
                 records = self._apply_view(path, records, view)
             if max_per_class is not None:
