@@ -183,9 +183,9 @@ def write_report(spec: dict[str, Any], workdir: str | Path, title: str = "experi
                   "(Many > 100, Medium 20-100, Few < 20); mean ± 95% CI over runs.", "",
                   "| data | overall | Many | Medium | Few | runs |", "|---|---:|---:|---:|---:|---:|"]
         for row in spec["long_tail"]:
-            cells = [_cell(run_accuracies(workdir, row["runs"], key))
-                     for key in ("acc", "acc_many", "acc_medium", "acc_few")]
-            lines.append(f"| {row['label']} | {' | '.join(cells)} | {len(run_accuracies(workdir, row['runs']))} |")
+            values = {key: run_accuracies(workdir, row["runs"], key) for key in ("acc", "acc_many", "acc_medium",
+                                                                                 "acc_few")}
+            lines.append(f"| {row['label']} | {' | '.join(map(_cell, values.values()))} | {len(values['acc'])} |")
         lines.append("")
     if spec.get("fewshot"):
         lines += ["## Few-shot episodes", "", "N-way K-shot episodes on a frozen backbone's features (mean accuracy "

@@ -57,7 +57,6 @@ class FewShotEpisodes(L.LightningModule):
         if max(self.synthetic_per_class) > 0 and getattr(self.trainer.datamodule, "synthetic", None) is None:
             raise ValueError(f"synthetic_per_class {self.synthetic_per_class} needs a synthetic dataset: set "
                              "data.init_args.synthetic (an EpisodeDataModule), or synthetic_per_class: [0].")
-        self.backbone.eval()
         self._parts = {}
 
     @torch.no_grad()
