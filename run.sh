@@ -64,7 +64,7 @@ quickstart() {
   setup_data || exit 1
   local out="$RUN_DIR/quickstart"
   mkdir -p "$out"
-  log "quickstart: embedded generators, 7 generation methods (lbGen, BOB, DataDream, GeNIe, ...), 5-shot classifiers, label consistency, report.md (outputs in $out)"
+  log "quickstart: embedded models, 6 ways to generate (txt2img, img2img, GeNIe, lbGen, DataDream, BOB), 5-shot classifiers, label consistency, report.md (about 14 min; outputs in $out)"
   # Each stage is one lbgen command, run one after the other in one process (no start-up per stage); finished
   # stages are reused by the next run (configs/experiments/*.yaml).
   "$VENV/bin/lbgen" experiment configs/experiments/quickstart.yaml --workdir "$out" --in-process

@@ -104,10 +104,13 @@ def _run_in_process(args: list[str], workdir: Path) -> int:
     """One ``lbgen`` command in this process, from ``workdir``; its exit code (1 with the traceback on an error)."""
     from lbgen.cli import main as lbgen_main
 
-    previous = Path.cwd()
+    previous, previous_argv = Path.cwd(), sys.argv
     os.chdir(workdir)
+    # the stage's words as the command line LightningCLI reads (given as args next to the experiment's own sys.argv,
+    # it warns that both were given)
+    sys.argv = ["lbgen", *args]
     try:
-        lbgen_main(args)
+        lbgen_main()
         return 0
     except SystemExit as err:  # LightningCLI exits on bad arguments, after printing why
         return 0 if err.code is None else err.code if isinstance(err.code, int) else 1
@@ -118,6 +121,7 @@ def _run_in_process(args: list[str], workdir: Path) -> int:
         return 1
     finally:
         os.chdir(previous)
+        sys.argv = previous_argv
         gc.collect()  # the stage's models and data go before the next one starts
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -155,7 +156,7 @@ def test_report_exchange_rate_recovers_the_law_from_classifier_runs(tmp_path):
     assert (tmp_path / "report_exchange_rate.png").is_file() and row.endswith("| 9 |")
 
 
-def test_in_process_runner_runs_real_stages_and_reports_failures(tmp_path, fmnist_fixture):
+def test_in_process_runner_runs_real_stages_and_reports_failures(tmp_path, fmnist_fixture, monkeypatch):
     recipe = REPO / "configs/classifier/fashion_5shot.yaml"
     tiny = (f"--data.init_args.root {fmnist_fixture} --data.init_args.image_size 16 --data.init_args.val_per_class 2 "
             "--data.init_args.samples_per_epoch 16 --data.init_args.batch_size 8 --model.init_args.backbone.init_args."
@@ -164,9 +165,15 @@ def test_in_process_runner_runs_real_stages_and_reports_failures(tmp_path, fmnis
                         "run": f"fit -c {recipe} {tiny} --data.init_args.split_seed {{seed}} "
                                "--trainer.default_root_dir runs/c{seed}",
                         "done": "runs/c{seed}/version_0/test_metrics.json"}]}
+    argv = ["lbgen", "experiment", "some.yaml", "--in-process"]  # what the runner's own process was started with
+    monkeypatch.setattr(sys, "argv", list(argv))
     work, here = tmp_path / "work", Path.cwd()
-    results = run_stages(expand_stages(spec), work, [], in_process=True)
-    assert [r["status"] for r in results] == ["ran", "ran"] and Path.cwd() == here
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = run_stages(expand_stages(spec), work, [], in_process=True)
+    assert [r["status"] for r in results] == ["ran", "ran"] and Path.cwd() == here and sys.argv == argv
+    # each stage is parsed as its own command line, not next to the experiment's own words
+    assert not [w for w in caught if "args parameter" in str(w.message)]
     for seed in (0, 1):  # each stage read its own arguments
         config = yaml.safe_load((work / f"runs/c{seed}/version_0/config.yaml").read_text())
         assert config["data"]["init_args"]["split_seed"] == seed
