@@ -125,6 +125,16 @@ def _run_in_process(args: list[str], workdir: Path) -> int:
         gc.collect()  # the stage's models and data go before the next one starts
 
 
+def _record_stage(log_file: Path, name: str, entry: dict[str, Any]) -> None:
+    """Add one stage's entry to ``stages.json``: read, update, atomic replace, so that experiments sharing a workdir
+    (run one after the other or at the same time) keep each other's entries."""
+    log = json.loads(log_file.read_text()) if log_file.is_file() else {}
+    log[name] = entry
+    tmp = log_file.with_name(f".{log_file.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(log, indent=1))
+    os.replace(tmp, log_file)
+
+
 def run_stages(stages: list[Stage], workdir: Path, lbgen: list[str], until: str | None = None,
                dry_run: bool = False, in_process: bool = False) -> list[dict[str, Any]]:
     """Run the unfinished stages in order (stop after ``until``); a failing stage stops the experiment.
@@ -157,10 +167,10 @@ def run_stages(stages: list[Stage], workdir: Path, lbgen: list[str], until: str 
                 why = f"exit code {code}" if code else f"finished without writing {stage.done}"
                 raise RuntimeError(f"Stage {stage.name} failed ({why}) after {seconds} s; fix it and rerun: the "
                                    f"finished stages are kept.")
-            log[stage.name] = {"seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-            log_file.write_text(json.dumps(log, indent=1))
+            entry = {"seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+            _record_stage(log_file, stage.name, entry)
             print(f"{head}: done in {seconds} s", flush=True)
-            results.append({"name": stage.name, "status": "ran", **log[stage.name]})
+            results.append({"name": stage.name, "status": "ran", **entry})
         if until is not None and stage.name == until:
             break
     return results
@@ -188,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         from lbgen.evaluation.report import write_report
 
         path = write_report(spec["report"], workdir, title=spec.get("name", Path(args.file).stem),
-                            stages_file=workdir / STAGES_FILE)
+                            stages_file=workdir / STAGES_FILE, stage_names=[stage.name for stage in stages])
         print(f"Report: {path}", flush=True)
 
 

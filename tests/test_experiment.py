@@ -47,9 +47,13 @@ def test_every_experiment_file_expands():
 def test_runner_skips_done_stages_and_stops_on_failure(tmp_path):
     # a stand-in "lbgen": writes the file named after --out, or fails when asked to
     fake = tmp_path / "fake_lbgen.py"
-    fake.write_text("import sys, pathlib\nargs = sys.argv[1:]\nif 'fail' in args: sys.exit(3)\n"
+    fake.write_text("import sys, pathlib, json\nargs = sys.argv[1:]\nif 'fail' in args: sys.exit(3)\n"
                     "out = pathlib.Path(args[args.index('--out') + 1]); out.parent.mkdir(parents=True, exist_ok=True)\n"
-                    "out.write_text(' '.join(args))\n")
+                    "out.write_text(' '.join(args))\n"
+                    # 'meddle': another experiment in the same workdir records a stage while this one runs
+                    "if 'meddle' in args:\n    log = pathlib.Path('stages.json')\n"
+                    "    entries = json.loads(log.read_text()); entries['other'] = {'seconds': 1.0}\n"
+                    "    log.write_text(json.dumps(entries))\n")
     spec = {"stages": [{"name": "one", "run": "fit --out r/one", "done": "r/one"},
                        {"name": "two", "run": "fit --out r/two", "done": "r/two"}]}
     work = tmp_path / "work"
@@ -59,6 +63,9 @@ def test_runner_skips_done_stages_and_stops_on_failure(tmp_path):
     results = run_stages(expand_stages(spec), work, [sys.executable, str(fake)])
     assert [r["status"] for r in results] == ["cached", "ran"]  # only the missing one again
     assert set(json.loads((work / "stages.json").read_text())) == {"one", "two"}
+    meddled = {"stages": [{"name": "three", "run": "fit meddle --out r/three", "done": "r/three"}]}
+    run_stages(expand_stages(meddled), work, [sys.executable, str(fake)])
+    assert set(json.loads((work / "stages.json").read_text())) == {"one", "two", "other", "three"}
     failing = {"stages": [{"name": "bad", "run": "fit fail --out r/bad", "done": "r/bad"},
                           {"name": "after", "run": "fit --out r/after", "done": "r/after"}]}
     with pytest.raises(RuntimeError, match="Stage bad failed .*exit code 3"):
@@ -181,3 +188,16 @@ def test_in_process_runner_runs_real_stages_and_reports_failures(tmp_path, fmnis
     with pytest.raises(RuntimeError, match="Stage bad failed"):
         run_stages(expand_stages(bad), work, [], in_process=True)
     assert Path.cwd() == here
+
+
+def test_report_lists_only_the_experiments_own_stages(tmp_path):
+    # two experiments share a workdir and its stages.json: each report's stage table names its own stages only
+    log = {"a": {"seconds": 60.0, "finished": "t1"}, "other": {"seconds": 600.0, "finished": "t2"},
+           "b": {"seconds": 30.0, "finished": "t3"}}
+    (tmp_path / "stages.json").write_text(json.dumps(log))
+    stages = tmp_path / "stages.json"
+    text = write_report({}, tmp_path, stages_file=stages, stage_names=["a", "b", "not-run"]).read_text()
+    assert "| a | 60.0 | t1 |" in text and "| b | 30.0 | t3 |" in text and "| other |" not in text
+    assert "2 stages were run" in text and "1.5 min of stage time" in text
+    everything = write_report({}, tmp_path, stages_file=tmp_path / "stages.json").read_text()
+    assert "| other | 600.0 | t2 |" in everything and "3 stages were run" in everything

@@ -116,8 +116,12 @@ def _consistency(workdir: Path, folder: str) -> dict[str, Any] | None:
 
 
 def write_report(spec: dict[str, Any], workdir: str | Path, title: str = "experiment",
-                 stages_file: str | Path | None = None) -> Path:
-    """Write ``report.md`` (and its PNG plots) into ``workdir``; sections whose runs are missing say so."""
+                 stages_file: str | Path | None = None, stage_names: list[str] | None = None) -> Path:
+    """Write ``report.md`` (and its PNG plots) into ``workdir``; sections whose runs are missing say so.
+
+    ``stage_names``: the experiment's stages; the stage table lists only those of them in ``stages_file`` (several
+    experiments can share a workdir and its ``stages.json``). None lists every stage in the file.
+    """
     workdir = Path(workdir)
     name = spec.get("file", REPORT_FILE)
     if not name.endswith(".md") or "/" in name:
@@ -205,6 +209,8 @@ def write_report(spec: dict[str, Any], workdir: str | Path, title: str = "experi
         lines += exchange_rate_section(spec["exchange_rate"], workdir, stem)
     if stages_file is not None and Path(stages_file).is_file():
         log = json.loads(Path(stages_file).read_text())
+        if stage_names is not None:
+            log = {name: log[name] for name in stage_names if name in log}
         total = sum(v.get("seconds", 0) for v in log.values())
         lines += ["## Stages", "", f"{len(log)} stages were run by `lbgen experiment` in this workdir, "
                   f"{total / 60:.1f} min of stage time in all (stages made before, or by another command, are reused "
