@@ -18,7 +18,8 @@ stages on a CPU, but a stage that starts several processes itself, DDP's ``devic
 
 Placeholders: ``{configs}`` (this checkout's ``configs/`` folder) and the ``for_each`` variables (every
 combination, in the order given). Paths are relative to ``--workdir``. ``stages.json`` in the workdir records
-each stage's status and time.
+each stage's status and time. ``needs: [runs/embedded/generator, ...]`` names inputs that another experiment makes
+(in the same workdir): the runner checks them before the first stage, so a missing one fails at once, by name.
 """
 
 from __future__ import annotations
@@ -97,7 +98,15 @@ def load_experiment(path: str | Path) -> dict[str, Any]:
     spec = yaml.safe_load(path.read_text())
     if not isinstance(spec, dict) or "stages" not in spec:
         raise ValueError(f"{path} is not an experiment (a mapping with 'stages' and optionally 'report').")
+    needs = spec.get("needs", [])
+    if not isinstance(needs, list) or not all(isinstance(p, str) and p for p in needs):
+        raise ValueError(f"{path}: needs is a list of paths relative to the workdir, got {needs!r}.")
     return spec
+
+
+def missing_inputs(spec: dict[str, Any], workdir: Path) -> list[str]:
+    """The ``needs`` of an experiment that are not in ``workdir``."""
+    return [p for p in spec.get("needs", []) if not (workdir / p).exists()]
 
 
 def _run_in_process(args: list[str], workdir: Path) -> int:
@@ -192,6 +201,10 @@ def main(argv: list[str] | None = None) -> None:
     stages = expand_stages(spec)
     workdir = args.workdir.resolve()
     lbgen = [sys.executable, "-m", "lbgen.cli"]
+    missing = missing_inputs(spec, workdir)
+    if missing and not args.report_only and not args.dry_run:
+        raise SystemExit(f"{args.file} needs {', '.join(missing)} in {workdir}, made by another experiment (see the "
+                         "file's header); run that one in this workdir first.")
     if not args.report_only:
         run_stages(stages, workdir, lbgen, args.until, args.dry_run, args.in_process)
     if spec.get("report") and not args.dry_run and (args.until is None or args.report_only):

@@ -12,7 +12,8 @@ import yaml
 
 from lbgen.evaluation.fewshot import mean_ci
 from lbgen.evaluation.report import write_report
-from lbgen.experiment import expand_stages, load_experiment, run_stages
+from lbgen.experiment import expand_stages, load_experiment, missing_inputs, run_stages
+from lbgen.experiment import main as experiment_main
 
 from .conftest import REPO
 
@@ -34,14 +35,42 @@ def test_stages_expand_in_order_with_placeholders(tmp_path):
         expand_stages({"stages": [{"name": "x", "run": "fit", "done": "d"}] * 2})
 
 
+EXPERIMENTS = sorted([*(REPO / "configs/experiments").glob("*.yaml"), *(REPO / "configs/exchange_rate").glob("*.yaml")])
+
+
 def test_every_experiment_file_expands():
-    for path in sorted((REPO / "configs/experiments").glob("*.yaml")):
+    for path in EXPERIMENTS:
         stages = expand_stages(load_experiment(path))
         assert stages, path
         for stage in stages:  # every recipe a stage names exists
             for word in stage.args:
                 if word.endswith(".yaml"):
                     assert Path(word).is_file(), f"{path.name}: {stage.name} names {word}"
+
+
+def test_every_dataset_a_stage_reads_is_made_before_it_or_needed():
+    # a stage reading a generated set that nothing makes fails only after hours of earlier stages: caught here
+    for path in EXPERIMENTS:
+        spec = load_experiment(path)
+        stages, needs = expand_stages(spec), spec.get("needs", [])
+        for i, stage in enumerate(stages):
+            made = [Path(s.done).parent.as_posix() for s in stages[:i]] + [Path(n).parent.as_posix() for n in needs]
+            for key, value in zip(stage.args, stage.args[1:], strict=False):
+                if key.endswith("init_args.folder") and value.startswith("runs/"):
+                    assert value in made, f"{path.name}: {stage.name} reads {value}, which no earlier stage makes"
+
+
+def test_missing_needs_stop_the_experiment_before_any_stage(tmp_path):
+    spec_file = tmp_path / "x.yaml"
+    spec_file.write_text(yaml.safe_dump({"needs": ["runs/embedded/generator/model_index.json"], "stages": [
+        {"name": "one", "run": "fit --trainer.max_steps 1", "done": "r/one"}]}))
+    with pytest.raises(SystemExit, match="needs runs/embedded/generator/model_index.json"):
+        experiment_main([str(spec_file), "--workdir", str(tmp_path / "work")])
+    assert not (tmp_path / "work" / "stages.json").exists()
+    assert missing_inputs(load_experiment(spec_file), tmp_path) == ["runs/embedded/generator/model_index.json"]
+    with pytest.raises(ValueError, match="needs is a list"):
+        spec_file.write_text(yaml.safe_dump({"needs": "runs/x", "stages": []}))
+        load_experiment(spec_file)
 
 
 def test_runner_skips_done_stages_and_stops_on_failure(tmp_path):
