@@ -202,7 +202,9 @@ def main(argv: list[str] | None = None) -> None:
     workdir = args.workdir.resolve()
     lbgen = [sys.executable, "-m", "lbgen.cli"]
     missing = missing_inputs(spec, workdir)
-    if missing and not args.report_only and not args.dry_run:
+    if missing and args.dry_run:
+        print(f"missing inputs (needs): {', '.join(missing)}", flush=True)
+    elif missing and not args.report_only:
         raise SystemExit(f"{args.file} needs {', '.join(missing)} in {workdir}, made by another experiment (see the "
                          "file's header); run that one in this workdir first.")
     if not args.report_only:

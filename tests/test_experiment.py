@@ -60,13 +60,15 @@ def test_every_dataset_a_stage_reads_is_made_before_it_or_needed():
                     assert value in made, f"{path.name}: {stage.name} reads {value}, which no earlier stage makes"
 
 
-def test_missing_needs_stop_the_experiment_before_any_stage(tmp_path):
+def test_missing_needs_stop_the_experiment_before_any_stage(tmp_path, capsys):
     spec_file = tmp_path / "x.yaml"
     spec_file.write_text(yaml.safe_dump({"needs": ["runs/embedded/generator/model_index.json"], "stages": [
         {"name": "one", "run": "fit --trainer.max_steps 1", "done": "r/one"}]}))
     with pytest.raises(SystemExit, match="needs runs/embedded/generator/model_index.json"):
         experiment_main([str(spec_file), "--workdir", str(tmp_path / "work")])
     assert not (tmp_path / "work" / "stages.json").exists()
+    experiment_main([str(spec_file), "--workdir", str(tmp_path / "work"), "--dry-run"])  # lists, does not stop
+    assert "missing inputs (needs): runs/embedded/generator/model_index.json" in capsys.readouterr().out
     assert missing_inputs(load_experiment(spec_file), tmp_path) == ["runs/embedded/generator/model_index.json"]
     with pytest.raises(ValueError, match="needs is a list"):
         spec_file.write_text(yaml.safe_dump({"needs": "runs/x", "stages": []}))
