@@ -18,8 +18,9 @@ stages on a CPU, but a stage that starts several processes itself, DDP's ``devic
 
 Placeholders: ``{configs}`` (this checkout's ``configs/`` folder) and the ``for_each`` variables (every
 combination, in the order given). Paths are relative to ``--workdir``. ``stages.json`` in the workdir records
-each stage's status and time. ``needs: [runs/embedded/generator, ...]`` names inputs that another experiment makes
-(in the same workdir): the runner checks them before the first stage, so a missing one fails at once, by name.
+each stage's status and time. ``needs: [runs/embedded/generator/model_index.json, ...]`` names inputs that
+another experiment makes in the same workdir, by their stages' ``done`` files: the runner checks them before the
+first stage, so a missing one fails at once, by name.
 """
 
 from __future__ import annotations

@@ -70,8 +70,8 @@ def test_missing_needs_stop_the_experiment_before_any_stage(tmp_path, capsys):
     experiment_main([str(spec_file), "--workdir", str(tmp_path / "work"), "--dry-run"])  # lists, does not stop
     assert "missing inputs (needs): runs/embedded/generator/model_index.json" in capsys.readouterr().out
     assert missing_inputs(load_experiment(spec_file), tmp_path) == ["runs/embedded/generator/model_index.json"]
+    spec_file.write_text(yaml.safe_dump({"needs": "runs/x", "stages": []}))
     with pytest.raises(ValueError, match="needs is a list"):
-        spec_file.write_text(yaml.safe_dump({"needs": "runs/x", "stages": []}))
         load_experiment(spec_file)
 
 
