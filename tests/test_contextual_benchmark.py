@@ -129,10 +129,21 @@ def test_records_rebuild_the_images_and_are_written_with_the_split(fmnist_fixtur
     ({"scale_range": (0.0, 0.5)}, "scale_range"),
     ({"scale_range": (0.5, 1.2)}, "scale_range"),
     ({"rotation_range": (30.0, -30.0)}, "rotation_range"),
+    ({"context_sides": 0.5}, r"context_sides must be >= 1"),
 ])
 def test_bad_arguments_say_what_to_change(fmnist_fixture, kwargs, message):
     with pytest.raises(ValueError, match=message):
         ContextualFashionMNISTDataModule(root=str(fmnist_fixture), **kwargs)
+
+
+def test_context_sides_sets_how_much_of_the_photograph_a_crop_shows(fmnist_fixture):
+    whole = build(fmnist_fixture, backgrounds=["gravel"], context_sides=1, image_size=16)
+    part = build(fmnist_fixture, backgrounds=["gravel"], context_sides=4, image_size=16)
+    assert whole.compositor.photos[0].shape[1:] == (16, 16)  # a square photograph: the whole scene, one view
+    assert part.compositor.photos[0].shape[1:] == (64, 64)
+    assert {(r["crop_x"], r["crop_y"]) for r in whole.attributes("train")} == {(0, 0)}
+    assert len({(r["crop_x"], r["crop_y"]) for r in part.attributes("train")}) > 10
+    assert json.loads(json.dumps(whole.split_record()))["context"]["context_sides"] == 1.0
 
 
 def test_save_grid_writes_one_row_per_class(fmnist_fixture, tmp_path):

@@ -43,8 +43,10 @@ BACKGROUND_PHRASES = {
 """How a person would name each photograph in a caption (BOB's attribute words for the contextual benchmark)."""
 DEFAULT_BACKGROUNDS = ["brick", "grass", "gravel", "moon", "coffee", "rocket", "hubble_deep_field", "camera", "coins",
                        "chelsea"]
-CONTEXT_SIDES = 4
-"""A photograph is resized so that its short side is this many output images: a crop shows a part of the scene."""
+DEFAULT_CONTEXT_SIDES = 1.0
+"""A photograph is resized so that its short side is this many output images. 1 (the default): a crop shows the
+whole scene (a coffee cup, a cat, a rocket), which a small generator trained on CPU can learn to draw; at 4 a crop is a
+sixteenth of a scene, a texture, and the embedded generator drew textures without objects."""
 ALPHA_GAIN = 10.0
 """Opacity = intensity x gain (clipped to 1): the object is bright on black; parts above 10% grey are opaque, so dark
 garments stay visible objects instead of letting the photograph show through."""
@@ -129,10 +131,13 @@ class Compositor:
         scale_range: (min, max) object frame side as a fraction of the image side, within (0, 1].
         rotation_range: (min, max) rotation in degrees.
         seed: composition seed; image i of a stream draws from a generator seeded by ``(seed, stream, i)``.
+        context_sides: a photograph's short side in output image sides (>= 1): 1 shows the whole scene (a square
+            photograph gives the same view each time), 4 a sixteenth of it (many different textures per photograph).
     """
 
     def __init__(self, backgrounds: list[str], image_size: int, scale_range: tuple[float, float],
-                 rotation_range: tuple[float, float], seed: int) -> None:
+                 rotation_range: tuple[float, float], seed: int,
+                 context_sides: float = DEFAULT_CONTEXT_SIDES) -> None:
         if not backgrounds:
             raise ValueError(f"backgrounds is empty; name at least one of {sorted(OFFLINE_BACKGROUNDS)}.")
         unknown = [b for b in backgrounds if b not in OFFLINE_BACKGROUNDS]
@@ -147,9 +152,12 @@ class Compositor:
                              f"got {scale_range}.")
         if rotation_range[0] > rotation_range[1]:
             raise ValueError(f"rotation_range must be (min, max) degrees with min <= max, got {rotation_range}.")
-        self.backgrounds, self.image_size = list(backgrounds), image_size
+        if context_sides < 1:
+            raise ValueError(f"context_sides must be >= 1 (a crop cannot be larger than the photograph), "
+                             f"got {context_sides}.")
+        self.backgrounds, self.image_size, self.context_sides = list(backgrounds), image_size, float(context_sides)
         self.scale_range, self.rotation_range, self.seed = tuple(scale_range), tuple(rotation_range), seed
-        self.photos = [background_photo(b, CONTEXT_SIDES * image_size) for b in self.backgrounds]
+        self.photos = [background_photo(b, round(context_sides * image_size)) for b in self.backgrounds]
         # All photographs as one flat buffer of RGBX pixels packed in int32: a crop is then one gather per pixel.
         self._packed = torch.cat([torch.cat([p, torch.zeros_like(p[:1])]).permute(1, 2, 0).reshape(-1, 4)
                                   for p in self.photos]).view(torch.int32).flatten()
@@ -312,6 +320,8 @@ class ContextualFashionMNISTDataModule(FashionMNISTDataModule):
         rotation_range: (min, max) rotation of the object in degrees.
         seed: composition seed (backgrounds, crops and poses); the split has its own ``split_seed``.
         image_size: side of the output images.
+        context_sides: a photograph's short side in output image sides (>= 1): how much of the scene a crop shows
+            (4: a sixteenth, many textures per photograph; 1: all of it, one view per square photograph).
         **kwargs: split, augmentation and loader options of ``ImageClassificationDataModule``.
     """
 
@@ -324,6 +334,7 @@ class ContextualFashionMNISTDataModule(FashionMNISTDataModule):
         rotation_range: tuple[float, float] = (-30.0, 30.0),
         seed: int = 0,
         image_size: int = 64,
+        context_sides: float = DEFAULT_CONTEXT_SIDES,
         **kwargs,
     ) -> None:
         super().__init__(root=root, image_size=image_size, **kwargs)
@@ -331,7 +342,7 @@ class ContextualFashionMNISTDataModule(FashionMNISTDataModule):
             raise ValueError(f"bias must be a probability in [0, 1], got {bias}.")
         self.bias, self.seed = bias, seed
         self.compositor = Compositor(list(DEFAULT_BACKGROUNDS if backgrounds is None else backgrounds), image_size,
-                                     scale_range, rotation_range, seed)
+                                     scale_range, rotation_range, seed, context_sides)
         self.backgrounds = self.compositor.backgrounds
 
     @property
@@ -388,6 +399,7 @@ class ContextualFashionMNISTDataModule(FashionMNISTDataModule):
         return {**super().split_record(), "context": {
             "backgrounds": c.backgrounds, "bias": self.bias, "seed": self.seed, "image_size": self.image_size,
             "scale_range": list(c.scale_range), "rotation_range": list(c.rotation_range),
+            "context_sides": c.context_sides,
             "attributes": f"{CONTEXT_FILE}: background and pose of every train, val (and test) image"}}
 
     def save_split(self, directory: str | os.PathLike) -> Path:
