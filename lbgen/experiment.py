@@ -136,8 +136,9 @@ def _run_in_process(args: list[str], workdir: Path) -> int:
 
 
 def _record_stage(log_file: Path, name: str, entry: dict[str, Any]) -> None:
-    """Add one stage's entry to ``stages.json``: read, update, atomic replace, so that experiments sharing a workdir
-    (run one after the other or at the same time) keep each other's entries."""
+    """Add one stage's entry to ``stages.json``: re-read just before the write, update, atomic replace, so that
+    experiments sharing a workdir keep each other's entries and a reader never sees a half-written file. No lock: two
+    writes in the same instant can still drop one entry (only a time in a report; the stages' done files decide)."""
     log = json.loads(log_file.read_text()) if log_file.is_file() else {}
     log[name] = entry
     tmp = log_file.with_name(f".{log_file.name}.{os.getpid()}.tmp")
