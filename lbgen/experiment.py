@@ -40,6 +40,8 @@ from typing import Any
 
 import yaml
 
+from lbgen.storage.files import atomic_write_json
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STAGES_FILE = "stages.json"
 
@@ -141,9 +143,7 @@ def _record_stage(log_file: Path, name: str, entry: dict[str, Any]) -> None:
     writes in the same instant can still drop one entry (only a time in a report; the stages' done files decide)."""
     log = json.loads(log_file.read_text()) if log_file.is_file() else {}
     log[name] = entry
-    tmp = log_file.with_name(f".{log_file.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(log, indent=1))
-    os.replace(tmp, log_file)
+    atomic_write_json(log_file, log)
 
 
 def run_stages(stages: list[Stage], workdir: Path, lbgen: list[str], until: str | None = None,

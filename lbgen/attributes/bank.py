@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from lbgen.components.files import read_json
+from lbgen.storage.files import atomic_write, read_json
 
 BANK_FORMAT = "lbgen-attribute-bank/1"
 ATTRIBUTE_KEYS = ("background", "pose")
@@ -183,10 +183,7 @@ class AttributeBank:
         """Write the bank as indented JSON (atomically: a crash never leaves half a file)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1, ensure_ascii=False))
-        tmp.replace(path)
-        return path
+        return atomic_write(path, json.dumps(self.to_dict(), indent=1, ensure_ascii=False))
 
     @classmethod
     def load(cls, path: str | Path, class_names: list[str] | None = None) -> AttributeBank:

@@ -13,6 +13,7 @@ from PIL import Image
 
 from lbgen.attributes.bank import check_vocabulary
 from lbgen.attributes.extractors import AttributeExtractor
+from lbgen.storage.files import looks_local
 
 CAPTION_PROMPTS = {"background": "a photo of a {descriptor} in front of", "pose": "a photo of a {descriptor} seen from"}
 """Caption prefixes (``task="image-to-text"``) the model completes ("... in front of a white wall")."""
@@ -97,8 +98,7 @@ class CaptionerAttributeExtractor(AttributeExtractor):
         from transformers.pipelines import SUPPORTED_TASKS
 
         path = Path(self.model_name).expanduser()
-        looks_local = path.is_absolute() or self.model_name.startswith((".", "~")) or self.model_name.count("/") > 1
-        if looks_local and not path.is_dir():
+        if looks_local(self.model_name) and not path.is_dir():
             raise FileNotFoundError(f"Captioner model folder {self.model_name!r} does not exist: point `model` at a "
                                     "folder written by save_pretrained (model and processor), or at a hub id such as "
                                     "'Salesforce/blip-image-captioning-large'.")

@@ -19,6 +19,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from PIL import Image
 
+from lbgen.storage.files import atomic_write
+
 RUN_FILE, MANIFEST_FILE, SHARD_DIR = "run.json", "manifest.jsonl", "shards"
 INTERNAL_KEYS = ("source_position",)
 
@@ -28,15 +30,6 @@ def png_bytes(image_chw) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image_chw.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 def complete_shards(folder: Path) -> list[Path]:
@@ -163,7 +156,7 @@ class SyntheticDatasetWriter(BasePredictionWriter):
                                  f"{changed}). Use another output_dir, or the original settings to resume.")
         trainer.strategy.barrier()
         if trainer.is_global_zero:
-            _atomic_write(run_file, json.dumps(run, indent=1).encode())
+            atomic_write(run_file, json.dumps(run, indent=1).encode())
             for partial in shards.glob("*.tmp"):
                 partial.unlink()
             for orphan in shards.glob("*.tar"):
@@ -230,7 +223,7 @@ class SyntheticDatasetWriter(BasePredictionWriter):
             os.fsync(f.fileno())
         tmp_tar.replace(shards / f"{name}.tar")
         index = "".join(json.dumps({**r, "shard": f"{name}.tar"}, sort_keys=True) + "\n" for _, r in self._buffer)
-        _atomic_write(shards / f"{name}.jsonl", index.encode())
+        atomic_write(shards / f"{name}.jsonl", index.encode())
         self._done.update(r["id"] for _, r in self._buffer)
         self._buffer, self._count = [], self._count + 1
 
@@ -246,7 +239,7 @@ class SyntheticDatasetWriter(BasePredictionWriter):
             if len(ids) != len(set(ids)):
                 raise RuntimeError(f"Duplicate images in {self.output_dir}: the shards overlap.")
             data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()
-            _atomic_write(self.output_dir / MANIFEST_FILE, data)
+            atomic_write(self.output_dir / MANIFEST_FILE, data)
             rank_zero_info(f"Synthetic dataset: {len(records)} images in {self.output_dir}")
         trainer.strategy.barrier()
 

@@ -15,8 +15,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from lbgen.components.files import read_json
 from lbgen.components.lora import load_lora
+from lbgen.storage.files import looks_local, read_json
 
 SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 
@@ -141,7 +141,7 @@ def load_generator(
     """
     path = Path(model).expanduser()
     # a hub id is "name" or "namespace/name": anything else that names a path is local and must exist
-    local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
+    local = looks_local(model)
     if local:
         _check_pipeline_folder(path, trust_remote_code)
         model = str(path)

@@ -11,6 +11,8 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 
+from lbgen.storage.files import looks_local
+
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -55,9 +57,7 @@ def _lora_parameters(pipe: StableDiffusionPipeline) -> int:
 def _lora_location(lora: str) -> tuple[str, str | None]:
     """``(folder or hub id, weight file name)`` of a LoRA given as a folder, a file or a hub id."""
     path = Path(lora).expanduser()
-    looks_local = path.exists() or lora.startswith((".", "/", "~")) or lora.count("/") > 1 or path.suffix in (
-        ".safetensors", ".bin", ".pt")
-    if not looks_local:
+    if not looks_local(lora, (".safetensors", ".bin", ".pt")):
         return lora, None  # a hub id: diffusers finds the weight file
     if path.is_file():
         return str(path.parent), path.name

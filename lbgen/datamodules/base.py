@@ -18,6 +18,7 @@ from lbgen.components.randomness import derive_seed
 from lbgen.datamodules.sampling import KeyedDataset, SeededDistributedSampler, world
 from lbgen.datamodules.splits import Split, make_split
 from lbgen.datamodules.transforms import Augmentation, BatchMix, MixCollate, augmentation_preset, eval_transform
+from lbgen.storage.files import atomic_write_json
 
 REAL, SYNTHETIC = 0, 1
 """Values of a batch's ``source`` entry: the classifier can weight real and synthetic samples differently."""
@@ -222,10 +223,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         """Write ``splits.json`` into ``directory`` (atomically) and return its path."""
         path = Path(directory) / SPLIT_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.split_record(), indent=1))
-        tmp.replace(path)
-        return path
+        return atomic_write_json(path, self.split_record())
 
     # --- Lightning hooks --------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

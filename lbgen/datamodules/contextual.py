@@ -9,7 +9,6 @@ validation and test images draw their background independently of the class.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 from lbgen.datamodules.fashion_mnist import FashionMNISTDataModule, load_fashion_mnist
+from lbgen.storage.files import atomic_write_json
 
 # Photographs and textures shipped inside the scikit-image wheel, by their `skimage.data` function name. They are
 # read from the wheel's folder directly, so no code path can start a pooch download. Synthetic or mostly empty
@@ -406,9 +406,7 @@ class ContextualFashionMNISTDataModule(FashionMNISTDataModule):
         """Write ``splits.json`` and ``context.json`` (per-image backgrounds and poses) into ``directory``."""
         path = super().save_split(directory)
         splits = ("train", "val", "test") if self.test_dataset is not None else ("train", "val")
-        tmp = path.with_name(CONTEXT_FILE + ".tmp")
-        tmp.write_text(json.dumps({s: self.attributes(s) for s in splits}))
-        tmp.replace(path.with_name(CONTEXT_FILE))
+        atomic_write_json(path.with_name(CONTEXT_FILE), {s: self.attributes(s) for s in splits}, indent=None)
         return path
 
     def save_grid(self, path: str | os.PathLike, n_per_class: int = 8) -> Path:

@@ -16,8 +16,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lbgen.attributes.bank import AttributeBank, Sampling, attribute_caption, template_uses_attributes
-from lbgen.components.files import read_json
 from lbgen.datamodules.base import ImageClassificationDataModule
+from lbgen.storage.files import read_json
 
 Method = Literal["txt2img", "img2img", "img2img_low", "img2img_high", "genie"]
 DEFAULT_STRENGTH = {"txt2img": None, "img2img": 0.5, "img2img_low": 0.3, "img2img_high": 0.7, "genie": 0.8}

@@ -19,11 +19,11 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, default_collate
 
 from lbgen.callbacks.dataset_writer import MANIFEST_FILE, RUN_FILE, SHARD_DIR
-from lbgen.components.files import read_json
 from lbgen.datamodules.base import SYNTHETIC, ClassificationDataset, ImageClassificationDataModule, TensorImageSource
 from lbgen.datamodules.requests import request_seed
 from lbgen.datamodules.sampling import KeyedDataset, SeededDistributedSampler
 from lbgen.datamodules.transforms import augmentation_preset, eval_transform
+from lbgen.storage.files import read_json
 
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 """What a record's ``id`` and ``shard`` must look like: they become file names, so no separators, no ``..``."""

@@ -19,6 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from lbgen.evaluation.longtail import bucket_accuracy, class_buckets, is_imbalanced
 from lbgen.losses.classification import SourceWeightedCrossEntropy
 from lbgen.models.optim import configure_optimizers, ensure_finite
+from lbgen.storage.files import atomic_write
 
 CONFUSION_FILE, TEST_METRICS_FILE = "confusion_matrix.json", "test_metrics.json"
 
@@ -107,13 +108,12 @@ class ImageClassifier(L.LightningModule):
 
     def on_train_end(self) -> None:
         if self.backbone_output and self.trainer.is_global_zero:
-            from safetensors.torch import save_file
+            from safetensors.torch import save as safetensors_bytes
 
             path = Path(self.backbone_output)
             path.parent.mkdir(parents=True, exist_ok=True)
             state = {k: v.detach().cpu().contiguous() for k, v in self.backbone.state_dict().items()}
-            save_file(state, str(path.with_suffix(".tmp")))
-            path.with_suffix(".tmp").replace(path)  # atomic: a reader never sees half a file
+            atomic_write(path, safetensors_bytes(state))  # a reader never sees half a file
             rank_zero_info(f"Backbone weights saved to {path}")
 
     def setup(self, stage: str) -> None:

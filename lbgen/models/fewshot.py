@@ -17,8 +17,8 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lbgen.callbacks.dataset_writer import _atomic_write
 from lbgen.evaluation.fewshot import Classifier, evaluate_episodes, sample_episodes
+from lbgen.storage.files import atomic_write
 
 
 class FewShotEpisodes(L.LightningModule):
@@ -100,9 +100,9 @@ class FewShotEpisodes(L.LightningModule):
                   "seed": self.seed, "real_images": int(len(labels)),
                   "synthetic": getattr(getattr(data, "synthetic", None), "dataset_name", None), "results": rows}
         self.output.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.output, json.dumps(record, indent=1).encode())
+        atomic_write(self.output, json.dumps(record, indent=1).encode())
         table = ["| k-shot | + synthetic per class | accuracy % (95% CI) |", "|---:|---:|---:|"]
         table += [f"| {r['k_shot']} | {r['synthetic_per_class']} | {r['mean']:.2f} ± {r['ci95']:.2f} |" for r in rows]
-        _atomic_write(self.output.with_suffix(".md"), (
+        atomic_write(self.output.with_suffix(".md"), (
                       f"{self.n_way}-way episodes ({self.episodes}, {self.n_query} queries per class, "
                       f"{self.classifier}) on {int(len(labels))} real images\n\n" + "\n".join(table) + "\n").encode())

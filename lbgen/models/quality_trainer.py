@@ -5,7 +5,6 @@ L_q then loads it with ``QualityLoss(metric=..., checkpoint=FOLDER)``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
@@ -24,6 +23,7 @@ from lbgen.components.randomness import derive_seed
 from lbgen.losses.quality import QUALITY_CONFIG_FILE, QUALITY_WEIGHTS_FILE, QualityLoss
 from lbgen.models.classifier import unpack_batch
 from lbgen.models.optim import configure_optimizers, ensure_finite, gather_global
+from lbgen.storage.files import atomic_write, atomic_write_json
 
 
 def pairwise_ranking_loss(scores: torch.Tensor, levels: torch.Tensor, margin: float) -> torch.Tensor:
@@ -198,9 +198,8 @@ class QualityTrainer(L.LightningModule):
                   "lower_better": q.lower_better, "distortions": list(self.distortions),
                   "num_levels": self.num_levels}
         state = {k: v.detach().cpu().contiguous() for k, v in q.net.state_dict().items()}
-        save_file(state, str(folder / (QUALITY_WEIGHTS_FILE + ".tmp")))
-        (folder / (QUALITY_WEIGHTS_FILE + ".tmp")).replace(folder / QUALITY_WEIGHTS_FILE)
-        (folder / QUALITY_CONFIG_FILE).write_text(json.dumps(config, indent=1))
+        atomic_write(folder / QUALITY_WEIGHTS_FILE, safetensors_bytes(state))
+        atomic_write_json(folder / QUALITY_CONFIG_FILE, config)
         return folder
 
     def on_train_end(self) -> None:

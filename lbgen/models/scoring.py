@@ -14,10 +14,11 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 
-from lbgen.callbacks.dataset_writer import MANIFEST_FILE, _atomic_write
+from lbgen.callbacks.dataset_writer import MANIFEST_FILE
 from lbgen.components.clip import ClipScorer
 from lbgen.datamodules.synthetic import read_manifest
 from lbgen.models.text_to_image import class_caption, low_precision_setup
+from lbgen.storage.files import atomic_write
 
 CONSISTENCY_FILE, VIEW_DIR = "label_consistency.json", "views"
 FilterMode = Literal["none", "global", "per_class"]
@@ -187,19 +188,19 @@ class SyntheticScorer(L.LightningModule):
         for r in manifest:
             if r["id"] in by_id:
                 r["scores"] = by_id[r["id"]]
-        _atomic_write(folder / MANIFEST_FILE,
+        atomic_write(folder / MANIFEST_FILE,
                       "".join(json.dumps(r, sort_keys=True) + "\n" for r in manifest).encode())
         lines = [f"Scored {len(records)} images in {folder}"]
         if self.oracle is not None:
             report = {**consistency_report(records, self.class_names), "oracle": self.oracle_checkpoint}
-            _atomic_write(folder / CONSISTENCY_FILE, json.dumps(report, indent=1).encode())
+            atomic_write(folder / CONSISTENCY_FILE, json.dumps(report, indent=1).encode())
             lines.append(f"label consistency {100 * report['overall']:.1f}% ({folder / CONSISTENCY_FILE})")
         if self.clip is not None:
             view = filter_view(records, self.class_names, self.filter_mode, self.threshold, self.reject_fraction)
             view.update(name=self.view_name, clip_template=self.clip_template)
             (folder / VIEW_DIR).mkdir(exist_ok=True)
-            _atomic_write(folder / VIEW_DIR / f"{self.view_name}.json", json.dumps(view, indent=1).encode())
-            _atomic_write(folder / VIEW_DIR / f"{self.view_name}.md", view_markdown(view).encode())
+            atomic_write(folder / VIEW_DIR / f"{self.view_name}.json", json.dumps(view, indent=1).encode())
+            atomic_write(folder / VIEW_DIR / f"{self.view_name}.md", view_markdown(view).encode())
             lines.append(f"view {self.view_name!r}: kept {view['n_kept']} of {view['n_total']} "
                          f"({folder / VIEW_DIR / self.view_name}.md)")
         rank_zero_info("\n  ".join(lines))
