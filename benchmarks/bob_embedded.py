@@ -35,20 +35,23 @@ def c(*names: str) -> list[str]:
 
 WORLDS = {
     "plain": {"attributes": c("bob/attributes.yaml"), "finetune": c("bob/finetune.yaml"),
-              "generate": c("bob/generate.yaml"), "real": c("classifier/fashion_5shot.yaml"),
-              "mixed": c("classifier/fashion_5shot_plus_synthetic.yaml"),
-              "foundation": [("runs/embedded/vae/config.json", "generator/fashion_vae.yaml"),
-                             ("runs/embedded/generator/model_index.json", "generator/fashion_pretrain.yaml"),
+              "generate": c("generate/fashion_txt2img.yaml", "bob/generate.yaml"),
+              "real": c("classifier/fashion_5shot.yaml"),
+              "mixed": c("classifier/fashion_5shot.yaml", "classifier/fashion_5shot_plus_synthetic.yaml"),
+              "foundation": [("runs/embedded/vae/config.json", "foundation/fashion_vae.yaml"),
+                             ("runs/embedded/generator/model_index.json", "foundation/fashion_generator.yaml"),
                              ("runs/embedded/clip/open_clip_config.json", "foundation/fashion_clip.yaml")]},
     "contextual": {"attributes": c("bob/attributes.yaml", "bob/contextual_attributes.yaml"),
                    "finetune": c("bob/finetune.yaml", "bob/contextual_finetune.yaml"),
-                   "generate": c("bob/generate.yaml", "bob/contextual_generate.yaml"),
-                   "real": [*c("classifier/fashion_contextual_5shot.yaml"), "--data.init_args.image_size=32"],
-                   "mixed": c("classifier/fashion_5shot_plus_synthetic.yaml",
+                   "generate": c("generate/fashion_txt2img.yaml", "bob/generate.yaml", "bob/contextual_generate.yaml"),
+                   "real": [*c("classifier/fashion_5shot.yaml", "classifier/fashion_contextual_5shot.yaml"),
+                            "--data.init_args.image_size=32"],
+                   "mixed": c("classifier/fashion_5shot.yaml", "classifier/fashion_5shot_plus_synthetic.yaml",
                               "classifier/fashion_contextual_5shot_plus_synthetic.yaml"),
-                   "foundation": [("runs/embedded/contextual/vae/config.json", "foundation/contextual_vae.yaml"),
+                   "foundation": [("runs/embedded/contextual/vae/config.json", "foundation/fashion_vae.yaml",
+                                   "foundation/contextual_vae.yaml"),
                                   ("runs/embedded/contextual/generator/model_index.json",
-                                   "foundation/contextual_generator.yaml")]},
+                                   "foundation/fashion_generator.yaml", "foundation/contextual_generator.yaml")]},
 }
 TIMES: dict[str, float] = {}
 
@@ -82,7 +85,7 @@ def save_grid(folder: Path, per_class: int = 8) -> Path:
     from PIL import Image
     from torchvision.utils import make_grid
 
-    from lbgen.datamodules.synthetic import load_images, read_manifest
+    from lbgen.storage.dataset_format import load_images, read_manifest
 
     _, records = read_manifest(folder)
     chosen = [r for c in sorted({r["class_index"] for r in records})
@@ -100,20 +103,20 @@ def one_seed(run: Path, world: str, seed: int, ablations: bool) -> dict[str, flo
           f"--model.init_args.output={bank}", f"--trainer.default_root_dir={base}/logs/attributes", marker=bank)
     loras = {"bob": f"{base}/bob_lora", "datadream": f"{base}/datadream_lora"}
     for method, lora in loras.items():
-        extra = c("bob/datadream.yaml") if method == "datadream" else [f"--data.init_args.attribute_bank={bank}"]
+        extra = c("finetune/datadream.yaml") if method == "datadream" else [f"--data.init_args.attribute_bank={bank}"]
         lbgen(run, f"{world}/{seed}/finetune_{method}", "fit", *w["finetune"], *extra,
               f"--data.init_args.data.init_args.split_seed={split}", f"--model.init_args.output_dir={lora}",
               f"--trainer.default_root_dir={base}/logs/{method}", "--test_after_fit=no",
               marker=f"{lora}/pytorch_lora_weights.safetensors")
     # method -> (LoRA, generation overrides)
-    plain_prompt = ["--data.init_args.attribute_sampling=none", "--data.init_args.attribute_bank=null",
+    plain_prompt = ["--data.init_args.attribute_mode=none", "--data.init_args.attribute_bank=null",
                     "--data.init_args.prompt_template=a photo of a {class}"]
     generations = {"bob": ("bob", [f"--data.init_args.attribute_bank={bank}"]),
                    "datadream": ("datadream", c("bob/generate_datadream.yaml"))}
     if ablations:
         generations.update({
             "bob_conditioned": ("bob", [f"--data.init_args.attribute_bank={bank}",
-                                        "--data.init_args.attribute_sampling=conditioned"]),
+                                        "--data.init_args.attribute_mode=conditioned"]),
             "conditioning_only": ("bob", plain_prompt),
             "marginalisation_only": ("datadream", [f"--data.init_args.attribute_bank={bank}"])})
     acc = {}
@@ -150,8 +153,9 @@ def main() -> None:
     run.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, list]] = {}
     for world in args.worlds:
-        for marker, config in WORLDS[world]["foundation"]:
-            lbgen(run, f"{world}/foundation/{config}", "fit", *c(config), "--test_after_fit=no",
+        for marker, *configs in WORLDS[world]["foundation"]:  # base recipe, then its overlay (if any)
+            config = configs[-1]
+            lbgen(run, f"{world}/foundation/{config}", "fit", *c(*configs), "--test_after_fit=no",
                   f"--trainer.default_root_dir=runs/logs/{Path(config).stem}", marker=marker)
         for i, seed in enumerate(args.seeds):
             print(f"{world}, seed {seed}", flush=True)

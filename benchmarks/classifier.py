@@ -46,7 +46,8 @@ def main() -> None:
     rows.append(("5-shot real only (resnet10t, 300 steps)", statistics.mean(accs),
                  statistics.stdev(accs) if len(accs) > 1 else 0.0, len(accs), statistics.mean(w for _, w in few)))
     if not args.skip_full:
-        metrics, wall = run("configs/classifier/fashion_full.yaml", args.run_dir / "full")
+        metrics, wall = run("configs/classifier/fashion_5shot.yaml", args.run_dir / "full",
+                            "-c", str(REPO / "configs/classifier/fashion_full.yaml"))
         rows.append(("full 59k (resnet10t, 1800 steps)", 100 * metrics["acc"], 0.0, 1, wall))
     print(f"\nmachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")

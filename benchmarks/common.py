@@ -14,7 +14,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The embedded generator's architecture (configs/generator/fashion_pretrain.yaml) with random weights: the same
+# The embedded generator's architecture (configs/foundation/fashion_generator.yaml) with random weights: the same
 # compute per image as the trained one, so speed numbers carry over; the images are noise.
 SMALL_GENERATOR = {"image_size": 32, "vae_channels": (32, 64, 64), "latent_channels": 4, "unet_channels": (64, 128),
                    "layers_per_block": 1, "cross_attention_dim": 64, "attention_head_dim": 8, "text_layers": 2,

@@ -34,8 +34,9 @@ from torchvision.transforms import v2
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import LARGE_IMAGE_GENERATOR, REPO, ensure_generator, ratio  # noqa: E402
 
-from lbgen.datamodules.synthetic import SyntheticDataModule, export_image_folder, read_manifest  # noqa: E402
+from lbgen.datamodules.synthetic import SyntheticDataModule  # noqa: E402
 from lbgen.datamodules.transforms import augmentation_preset  # noqa: E402
+from lbgen.storage.dataset_format import export_image_folder, read_manifest  # noqa: E402
 
 
 def make_dataset(generator: str, out: Path, images_per_class: int, steps: int, batch: int) -> Path:

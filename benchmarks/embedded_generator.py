@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/embedded_generator.py --run-dir /tmp/lbgen-gen --oracle ORACLE.ckpt \\
         [--images-per-class 50] [--guidance 2 4 6]
 
-Trains the VAE and the text-to-image model with configs/generator/fashion_{vae,pretrain}.yaml (reused when
+Trains the VAE and the text-to-image model with configs/foundation/fashion_{vae,generator}.yaml (reused when
 already in --run-dir), generates txt2img samples per guidance scale, and labels them with an oracle classifier
 (e.g. the checkpoint of configs/classifier/fashion_full.yaml). Not a test.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from lbgen.evaluation import label_consistency
-from lbgen.models import ImageClassifier
+from lbgen.models import ClassifierSystem
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,12 +45,12 @@ def main() -> None:
     run.mkdir(parents=True, exist_ok=True)
     times = {}
     if not (run / "runs/embedded/vae/config.json").is_file():
-        times["vae"] = lbgen(run, "fit", "-c", str(REPO / "configs/generator/fashion_vae.yaml"),
+        times["vae"] = lbgen(run, "fit", "-c", str(REPO / "configs/foundation/fashion_vae.yaml"),
                              "--trainer.default_root_dir=runs/logs/vae")
     if not (run / "runs/embedded/generator/model_index.json").is_file():
-        times["unet+text"] = lbgen(run, "fit", "-c", str(REPO / "configs/generator/fashion_pretrain.yaml"),
+        times["unet+text"] = lbgen(run, "fit", "-c", str(REPO / "configs/foundation/fashion_generator.yaml"),
                                    "--trainer.default_root_dir=runs/logs/generator")
-    oracle = ImageClassifier.load_from_checkpoint(args.oracle, map_location="cpu", weights_only=True)
+    oracle = ClassifierSystem.load_from_checkpoint(args.oracle, map_location="cpu", weights_only=True)
     rows = []
     for guidance in args.guidance:
         out = f"runs/lc/g{guidance:g}"

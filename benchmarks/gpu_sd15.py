@@ -7,7 +7,7 @@ The pipeline is SD 1.5's architecture from ``configs/scale/`` (UNet2DConditionMo
 AutoencoderKL, the CLIP ViT-L/14 text encoder, PNDM) built with ``from_config``, all in bfloat16 on the GPU:
 - generation: the same prompts, per-image seeds and batches through (a) the plain diffusers loop
   (``pipe(prompts, generator=[...])``, one PNG saved per image) and (b) lbgen's path (``trainer.predict`` of
-  ``DiffusionGenerator``: cached prompt embeddings, lbgen's sampler loop, background shard writer), once per
+  ``GenerationSystem``: cached prompt embeddings, lbgen's sampler loop, background shard writer), once per
   ``--variants`` entry; a warm-up batch first for each (CUDA context, cuDNN plans, compilation), reported apart;
 - lbGen step: ``benchmarks/lbgen_step.py`` on the saved pipeline at the authors' settings (LoRA rank 128, K = 5 of
   50 sampler steps, guidance 2, a random ViT-L-14 CLIP judge, no quality judge), with and without gradient
@@ -84,7 +84,7 @@ def lbgen_generate(pipe, class_names: list[str], per_class: int, batch: int, out
 
     from lbgen.components.diffusion import GeneratorSource
     from lbgen.datamodules import GenerationRequestsDataModule
-    from lbgen.models import DiffusionGenerator
+    from lbgen.models import GenerationSystem
 
     class InMemory(GeneratorSource):
         def __call__(self):
@@ -95,7 +95,7 @@ def lbgen_generate(pipe, class_names: list[str], per_class: int, batch: int, out
             return "random-sd15"
 
     data = GenerationRequestsDataModule(class_names=class_names, images_per_class=per_class, batch_size=batch)
-    model = DiffusionGenerator(InMemory(), output_dir=str(out), num_inference_steps=steps, guidance_scale=guidance,
+    model = GenerationSystem(InMemory(), output_dir=str(out), num_inference_steps=steps, guidance_scale=guidance,
                                shard_size=10 * batch, **flags)
     trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(out.parent))

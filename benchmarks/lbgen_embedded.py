@@ -56,7 +56,7 @@ def clip_agreement(run_dir: Path, folder: str) -> float:
     import torch
 
     from lbgen.components.clip import ClipScorer
-    from lbgen.datamodules.synthetic import load_images, read_manifest
+    from lbgen.storage.dataset_format import load_images, read_manifest
 
     _, records = read_manifest(run_dir / folder)
     clip = ClipScorer(model_name=f"local-dir:{run_dir / 'runs/embedded/clip'}", pretrained=None)
@@ -73,9 +73,9 @@ def clip_agreement(run_dir: Path, folder: str) -> float:
 
 def oracle_consistency(oracle: Path, run_dir: Path, folder: str) -> float:
     from lbgen.evaluation.label_consistency import label_consistency
-    from lbgen.models import ImageClassifier
+    from lbgen.models import ClassifierSystem
 
-    model = ImageClassifier.load_from_checkpoint(oracle, map_location="cpu", weights_only=True)
+    model = ClassifierSystem.load_from_checkpoint(oracle, map_location="cpu", weights_only=True)
     return label_consistency(model, run_dir / folder, image_size=32)["overall"]
 
 
@@ -86,7 +86,8 @@ def oracle_metrics(checkpoint: Path) -> dict:
 
 def classifiers(run_dir: Path, name: str, folder: str, seeds: list[int]) -> None:
     for seed in seeds:
-        lbgen(run_dir, "fit", "-c", str(CONFIGS / "classifier/fashion_5shot_plus_synthetic.yaml"),
+        lbgen(run_dir, "fit", "-c", str(CONFIGS / "classifier/fashion_5shot.yaml"),
+              "-c", str(CONFIGS / "classifier/fashion_5shot_plus_synthetic.yaml"),
               f"--data.init_args.synthetic.init_args.folder={folder}", f"--seed_everything={seed}",
               f"--data.init_args.real.init_args.split_seed={seed}",
               f"--trainer.default_root_dir=runs/bench/classifier/{name}/seed{seed}",
@@ -99,7 +100,8 @@ REAL_BACKBONE = "runs/bench/backbones/real.safetensors"
 def real_pool_classifier(run: Path, steps: int) -> Path:
     """resnet10t trained on the real pool (fashion_full.yaml, ``steps`` steps): the oracle of label consistency and
     the "pre-trained on real data" backbone of the transfer table. Returns its checkpoint."""
-    lbgen(run, "fit", "-c", str(CONFIGS / "classifier/fashion_full.yaml"), f"--trainer.max_steps={steps}",
+    lbgen(run, "fit", "-c", str(CONFIGS / "classifier/fashion_5shot.yaml"), "-c",
+          str(CONFIGS / "classifier/fashion_full.yaml"), f"--trainer.max_steps={steps}",
           f"--model.init_args.backbone_output={REAL_BACKBONE}", "--trainer.default_root_dir=runs/bench/pretrain/real",
           marker=Path(REAL_BACKBONE))
     return sorted((run / "runs/bench/pretrain/real").glob("version_*/checkpoints/*.ckpt"))[-1]
@@ -138,7 +140,8 @@ def transfer(args: argparse.Namespace) -> list[dict]:
           f"--model.init_args.output_dir={folder}", f"--data.init_args.images_per_class={args.pretrain_per_class}",
           marker=Path(folder) / "manifest.jsonl")
     lbgen_backbone, real_backbone = "runs/bench/backbones/lbgen.safetensors", REAL_BACKBONE
-    lbgen(run, "fit", "-c", str(CONFIGS / "classifier/fashion_5shot_plus_synthetic.yaml"), "-c",
+    lbgen(run, "fit", "-c", str(CONFIGS / "classifier/fashion_5shot.yaml"), "-c",
+          str(CONFIGS / "classifier/fashion_5shot_plus_synthetic.yaml"), "-c",
           str(CONFIGS / "classifier/lbgen_pretrain.yaml"), f"--data.init_args.synthetic.init_args.folder={folder}",
           f"--model.init_args.backbone_output={lbgen_backbone}", "--trainer.default_root_dir=runs/bench/pretrain/lbgen",
           marker=Path(lbgen_backbone))
@@ -171,8 +174,8 @@ def main() -> None:
     parser.add_argument("--skip-transfer", action="store_true")
     args = parser.parse_args()
     args.run_dir = args.run_dir.expanduser().resolve()
-    for marker, config in (("runs/embedded/vae/config.json", "generator/fashion_vae.yaml"),
-                           ("runs/embedded/generator/model_index.json", "generator/fashion_pretrain.yaml"),
+    for marker, config in (("runs/embedded/vae/config.json", "foundation/fashion_vae.yaml"),
+                           ("runs/embedded/generator/model_index.json", "foundation/fashion_generator.yaml"),
                            ("runs/embedded/clip/open_clip_config.json", "foundation/fashion_clip.yaml"),
                            ("runs/embedded/quality/quality_config.json", "foundation/fashion_quality.yaml")):
         lbgen(args.run_dir, "fit", "-c", str(CONFIGS / config), "--test_after_fit=no", marker=Path(marker))

@@ -69,13 +69,13 @@ def one_configuration(args: argparse.Namespace) -> dict:
     from lbgen.components.clip import ClipScorer
     from lbgen.components.diffusion import PretrainedGenerator
     from lbgen.datamodules import FASHION_MNIST_CLASSES
-    from lbgen.models.lbgen_trainer import LbGenTrainer
+    from lbgen.models.lbgen_finetune import LbGenSystem
 
     torch.manual_seed(0)
     device = torch.device(args.device)
     clip = ClipScorer(model_name=args.clip, pretrained=None) if args.clip else ClipScorer(model_config=TINY_CLIP,
                                                                                          pretrained=None)
-    system = LbGenTrainer(PretrainedGenerator(args.generator), clip=clip, quality=None, en_weight=1.0, in_weight=1.0,
+    system = LbGenSystem(PretrainedGenerator(args.generator), clip=clip, quality=None, en_weight=1.0, in_weight=1.0,
                           q_weight=0.0, lora_rank=args.rank, num_inference_steps=args.steps, grad_steps=args.k,
                           guidance_scale=2.0, gradient_checkpointing=args.checkpointing,
                           class_names=list(FASHION_MNIST_CLASSES)).to(device)

@@ -26,8 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ratio  # noqa: E402
 
-from lbgen.callbacks.dataset_writer import SyntheticDatasetWriter, png_bytes  # noqa: E402
+from lbgen.callbacks.dataset_writer import SyntheticDatasetWriter  # noqa: E402
 from lbgen.datamodules import GenerationRequestsDataModule  # noqa: E402
+from lbgen.storage.dataset_format import png_bytes  # noqa: E402
 
 
 def photograph(size: int) -> torch.Tensor:

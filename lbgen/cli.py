@@ -1,4 +1,4 @@
-"""The ``lbgen`` command: LightningCLI over lbgen's systems and DataModules."""
+"""The stage verbs of ``lbgen``: fit, validate, test, predict (LightningCLI over the systems) and export."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ Stages (each reads a YAML recipe from configs/, e.g. `lbgen fit -c configs/class
             probabilities of a classifier
   export    `lbgen export DATASET_DIR OUT_DIR`: copy a generated dataset to plain PNG folders + metadata.jsonl
   experiment `lbgen experiment FILE --workdir DIR`: run an experiment's stages (cached), then write report.md
+  summary   `lbgen summary NAME=RUN_ROOT ...`: mean top-1 with its 95% interval over the tested runs of each root
+A bad input stops with one message (exit code 1); LBGEN_DEBUG=1 shows where it was raised.
 Outputs go to <trainer.default_root_dir>/version_N/ (config, metrics.csv, splits.json, checkpoints/);
 the default root is ./runs.
 """
@@ -48,9 +50,8 @@ class LBGenCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config.get(str(self.subcommand), self.config)
         # Lightning's default logger (TensorBoard or CSV, under lightning_logs/) would scatter runs; a CSV logger
-        # with the run directory as its root gives <root>/version_N/ holding everything of one run.
-        if not config.trainer.default_root_dir:
-            config.trainer.default_root_dir = "runs"  # never scatter version_N folders into the current folder
+        # with the run directory as its root gives <root>/version_N/ holding everything of one run. Set here, not as
+        # a parser default, because its folder is whatever default_root_dir the user gave.
         if config.trainer.logger in (None, True):
             root = config.trainer.default_root_dir
             config.trainer.logger = Namespace(class_path="lightning.pytorch.loggers.CSVLogger",
@@ -133,31 +134,62 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LBGenCLI:
         subclass_mode_data=True,
         args=args,
         run=run,
+        # never scatter version_N folders into the current folder: every run goes under ./runs unless told otherwise
+        trainer_defaults={"default_root_dir": "runs"},
         # allow_abbrev off: argparse would silently read a misspelled --trainer.max_step as max_steps
         parser_kwargs={"description": DESCRIPTION, "formatter_class": _HelpFormatter, "allow_abbrev": False},
         auto_configure_optimizers=False,
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console script ``lbgen`` (returns nothing, so the exit code is 0 on success)."""
-    words = sys.argv[1:] if argv is None else argv
-    if words[:1] == ["experiment"]:
-        from lbgen.experiment import main as experiment
+STAGE_VERBS = ("fit", "validate", "test", "predict", "export")
+"""The verbs an experiment's stage may run: LightningCLI's four and ``export``."""
 
-        experiment(words[1:])
-        return
-    if words[:1] == ["export"]:
-        if len(words) != 3:
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+"""Exception types that lbgen raises, with a message saying what to change, for input a user gave."""
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` is lbgen's message about bad input rather than a bug.
+
+    It is when lbgen's own code raised it with a ``raise`` statement (every such message names the offending value
+    and the fix) and it is of a ``USER_ERRORS`` type. A ``ValueError`` that Python or a library raised (a bug in
+    lbgen or below) is not: its traceback is what a developer needs.
+    """
+    if not isinstance(err, USER_ERRORS):
+        return False
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return False
+    filename = tb.tb_frame.f_code.co_filename
+    package = str(Path(__file__).resolve().parent)
+    if not str(Path(filename).resolve()).startswith(package):
+        return False
+    import linecache
+
+    return linecache.getline(filename, tb.tb_lineno).lstrip().startswith("raise")
+
+
+def run_stage(words: list[str] | None = None) -> None:
+    """One stage command: ``fit`` / ``validate`` / ``test`` / ``predict`` (LightningCLI) or ``export``.
+
+    ``words``: the command line after ``lbgen``; None: ``sys.argv`` (LightningCLI then reads it itself: given both,
+    it warns that they may disagree).
+    """
+    given = sys.argv[1:] if words is None else words
+    if given[:1] == ["export"]:
+        if len(given) != 3:
             raise SystemExit("usage: lbgen export DATASET_DIR OUT_DIR")
-        from lbgen.datamodules.synthetic import export_image_folder
+        from lbgen.storage.dataset_format import export_image_folder
 
-        print(f"Exported to {export_image_folder(words[1], words[2])}")
+        print(f"Exported to {export_image_folder(given[1], given[2])}")
         return
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     try:
-        cli_main(argv)  # None: LightningCLI reads sys.argv itself
+        cli_main(words)
     except SIGTERMException:
         # a terminated run must not look like a finished one to a scheduler: 128 + SIGTERM
         raise SystemExit(143) from None
@@ -167,7 +199,3 @@ def main(argv: list[str] | None = None) -> None:
         # leave together: a process whose peer already exited can abort in gloo's exit-time clean-up
         dist.barrier()
         dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()

@@ -9,7 +9,7 @@ stages on a CPU, but a stage that starts several processes itself, DDP's ``devic
     name: my experiment
     stages:
       - name: vae
-        run: fit -c {configs}/generator/fashion_vae.yaml --trainer.default_root_dir runs/logs/vae
+        run: fit -c {configs}/foundation/fashion_vae.yaml --trainer.default_root_dir runs/logs/vae
         done: runs/embedded/vae/config.json
       - name: classifier-{method}-s{seed}
         for_each: {method: [txt2img, genie], seed: [0, 1, 2]}
@@ -21,11 +21,17 @@ combination, in the order given). Paths are relative to ``--workdir``. ``stages.
 each stage's status and time. ``needs: [runs/embedded/generator/model_index.json, ...]`` names inputs that
 another experiment makes in the same workdir, by their stages' ``done`` files: the runner checks them before the
 first stage, so a missing one fails at once, by name.
+
+An experiment can be an overlay of another (``extends: fashion_5shot.yaml``, next to it): it runs the base's stages,
+those named by ``only`` or all but those named by ``drop`` (names, or patterns such as ``seeds-*``), with
+``overrides: {stage name or pattern: extra lbgen arguments}`` appended to their commands, then its own ``stages``;
+``name``, ``needs`` and ``report`` are the base's unless it gives its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import gc
 import itertools
 import json
@@ -34,12 +40,13 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from lbgen.cli import STAGE_VERBS, is_user_error, run_stage
 from lbgen.storage.files import atomic_write_json
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -66,8 +73,13 @@ def _fill(text: str, values: dict[str, Any], where: str) -> str:
 
 
 def expand_stages(spec: dict[str, Any], configs: Path = CONFIGS) -> list[Stage]:
-    """The experiment's stages, ``for_each`` expanded, placeholders filled; names must be unique."""
-    stages, names = [], set()
+    """The experiment's stages, ``for_each`` expanded, placeholders filled; names must be unique.
+
+    An overlay (``extends``, its base experiment read in by :func:`load_experiment`) starts from the base's stages
+    as ``only`` / ``drop`` and ``overrides`` say, and adds its own ``stages`` after them.
+    """
+    stages = _inherited_stages(spec, configs) if "extends" in spec else []
+    names = {stage.name for stage in stages}
     for i, entry in enumerate(spec.get("stages") or []):
         where = f"stage {i + 1} ({entry.get('name', '?') if isinstance(entry, dict) else entry!r})"
         if not isinstance(entry, dict) or not {"name", "run", "done"} <= set(entry):
@@ -86,7 +98,7 @@ def expand_stages(spec: dict[str, Any], configs: Path = CONFIGS) -> list[Stage]:
                           args=tuple(_fill(w, values, where) for w in words), done=_fill(entry["done"], values, where))
             if stage.name in names:
                 raise ValueError(f"{where}: duplicate stage name {stage.name!r}.")
-            if not stage.args or stage.args[0] not in ("fit", "validate", "test", "predict", "export"):
+            if not stage.args or stage.args[0] not in STAGE_VERBS:
                 raise ValueError(f"{where}: run must start with an lbgen subcommand (fit, test, predict, ...), got "
                                  f"{' '.join(stage.args[:1])!r}.")
             names.add(stage.name)
@@ -94,13 +106,84 @@ def expand_stages(spec: dict[str, Any], configs: Path = CONFIGS) -> list[Stage]:
     return stages
 
 
+def _matching(pattern: str, names: list[str]) -> list[str]:
+    """The stage names that ``pattern`` (a name, or a pattern such as ``seeds-*``) matches, in order."""
+    return [name for name in names if fnmatch.fnmatchcase(name, pattern)]
+
+
+def _inherited_stages(spec: dict[str, Any], configs: Path) -> list[Stage]:
+    """An overlay's share of its base experiment's stages: ``only`` / ``drop`` applied, then ``overrides``."""
+    base = spec["extends"]
+    if not isinstance(base, dict):
+        raise ValueError(f"extends: {base!r} names a file; read the experiment with load_experiment(path), which "
+                         "reads its base.")
+    stages = expand_stages(base, configs)
+    names = [stage.name for stage in stages]
+    for key in ("only", "drop"):
+        if key not in spec:
+            continue
+        chosen = set()
+        for pattern in spec[key]:
+            found = _matching(pattern, names)
+            if not found:
+                raise ValueError(f"{key}: {pattern!r} is not a stage of the base experiment (its stages: "
+                                 f"{', '.join(names)}).")
+            chosen.update(found)
+        stages = [stage for stage in stages if (stage.name in chosen) == (key == "only")]
+    kept = [stage.name for stage in stages]
+    for pattern, extra in (spec.get("overrides") or {}).items():
+        where = f"overrides[{pattern!r}]"
+        found = _matching(pattern, kept)
+        if not found:
+            left_out = _matching(pattern, names)
+            raise ValueError(f"{where}: " + (f"{', '.join(left_out)} left out by only / drop" if left_out else
+                                              f"no stage of that name (the stages: {', '.join(kept)})") + ".")
+        words = shlex.split(extra) if isinstance(extra, str) else [str(w) for w in extra]
+        extra_args = tuple(_fill(w, {"configs": str(configs)}, where) for w in words)
+        stages = [replace(stage, args=stage.args + extra_args) if stage.name in found else stage for stage in stages]
+    return stages
+
+
+def _check_overlay_keys(spec: dict[str, Any], path: Path) -> None:
+    for key in ("only", "drop"):
+        if key in spec and not (isinstance(spec[key], list) and all(isinstance(p, str) and p for p in spec[key])):
+            raise ValueError(f"{path}: {key} is a list of stage names (or patterns such as seeds-*), got "
+                             f"{spec[key]!r}.")
+    if "only" in spec and "drop" in spec:
+        raise ValueError(f"{path}: give only (the stages to keep) or drop (the stages to leave out), not both.")
+    overrides = spec.get("overrides", {})
+    if not isinstance(overrides, dict) or not all(
+            isinstance(k, str) and isinstance(v, (str, list)) for k, v in overrides.items()):
+        raise ValueError(f"{path}: overrides maps stage names (or patterns) to extra lbgen arguments, got "
+                         f"{overrides!r}.")
+
+
 def load_experiment(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+    """An experiment file; an overlay's ``extends`` (a path relative to the file's folder) replaced by its base
+    experiment, read the same way, whose ``name``, ``needs`` and ``report`` it inherits unless it gives its own."""
+    return _load_experiment(Path(path), ())
+
+
+def _load_experiment(path: Path, overlays: tuple[Path, ...]) -> dict[str, Any]:
     if not path.is_file():
-        raise FileNotFoundError(f"No experiment file {path}.")
+        raise FileNotFoundError(f"No experiment file {path}" + (f" (extended by {overlays[-1]})." if overlays else "."))
     spec = yaml.safe_load(path.read_text())
-    if not isinstance(spec, dict) or "stages" not in spec:
-        raise ValueError(f"{path} is not an experiment (a mapping with 'stages' and optionally 'report').")
+    if not isinstance(spec, dict) or not {"stages", "extends"} & set(spec):
+        raise ValueError(f"{path} is not an experiment (a mapping with 'stages', or 'extends' and a base experiment, "
+                         "and optionally 'report').")
+    if "extends" in spec:
+        _check_overlay_keys(spec, path)
+        base_path = path.parent / str(spec["extends"])
+        if base_path.resolve() in {p.resolve() for p in (*overlays, path)}:
+            raise ValueError(f"{path}: extends {spec['extends']!r} goes round in a circle.")
+        base = _load_experiment(base_path, (*overlays, path))
+        spec = {**{key: base[key] for key in ("name", "needs", "report") if key in base}, **spec, "extends": base}
+        try:
+            expand_stages(spec)  # a stage name that matches nothing fails now, naming this file
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+    elif {"only", "drop", "overrides"} & set(spec):
+        raise ValueError(f"{path}: only, drop and overrides change a base experiment's stages; name it with extends.")
     needs = spec.get("needs", [])
     if not isinstance(needs, list) or not all(isinstance(p, str) and p for p in needs):
         raise ValueError(f"{path}: needs is a list of paths relative to the workdir, got {needs!r}.")
@@ -114,22 +197,23 @@ def missing_inputs(spec: dict[str, Any], workdir: Path) -> list[str]:
 
 def _run_in_process(args: list[str], workdir: Path) -> int:
     """One ``lbgen`` command in this process, from ``workdir``; its exit code (1 with the traceback on an error)."""
-    from lbgen.cli import main as lbgen_main
-
     previous, previous_argv = Path.cwd(), sys.argv
     os.chdir(workdir)
     # the stage's words as the command line LightningCLI reads (given as args next to the experiment's own sys.argv,
     # it warns that both were given)
     sys.argv = ["lbgen", *args]
     try:
-        lbgen_main()
+        run_stage()
         return 0
     except SystemExit as err:  # LightningCLI exits on bad arguments, after printing why
         return 0 if err.code is None else err.code if isinstance(err.code, int) else 1
-    except Exception:  # noqa: BLE001 - reported like a failed subprocess; the runner stops with the stage's name
-        import traceback
+    except Exception as err:  # reported like a failed subprocess; the runner stops with the stage's name
+        if is_user_error(err):
+            print(f"lbgen: error: {err}", file=sys.stderr)
+        else:
+            import traceback
 
-        traceback.print_exc()
+            traceback.print_exc()
         return 1
     finally:
         os.chdir(previous)
@@ -202,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     spec = load_experiment(args.file)
     stages = expand_stages(spec)
     workdir = args.workdir.resolve()
-    lbgen = [sys.executable, "-m", "lbgen.cli"]
+    lbgen = [sys.executable, "-m", "lbgen"]
     missing = missing_inputs(spec, workdir)
     if missing and args.dry_run:
         print(f"missing inputs (needs): {', '.join(missing)}", flush=True)
@@ -218,6 +302,3 @@ def main(argv: list[str] | None = None) -> None:
                             stages_file=workdir / STAGES_FILE, stage_names=[stage.name for stage in stages])
         print(f"Report: {path}", flush=True)
 
-
-if __name__ == "__main__":
-    main()

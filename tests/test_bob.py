@@ -13,11 +13,11 @@ from lbgen.attributes import (
     DEFAULT_CAPTION,
     AttributeBank,
     ClipAttributeExtractor,
-    attribute_caption,
     mentions_class,
     scrub_class_names,
 )
 from lbgen.components import ClipScorer
+from lbgen.components.prompts import fill_caption
 from lbgen.datamodules import (
     FASHION_MNIST_CLASSES,
     AttributeCaptionedDataModule,
@@ -47,12 +47,12 @@ def biased_bank(per_class: int = 20, seed: int = 0) -> AttributeBank:
 
 def test_caption_is_built_as_specified():
     assert DEFAULT_CAPTION == "a {descriptor} photo of a {class} in the {background} background with the {pose} pose"
-    assert attribute_caption(DEFAULT_CAPTION, "Ankle boot", "brick wall", "tilted left", "garment") == (
+    assert fill_caption(DEFAULT_CAPTION, "Ankle boot", "brick wall", "tilted left", "garment") == (
         "a garment photo of a Ankle boot in the brick wall background with the tilted left pose")
     with pytest.raises(ValueError, match="needs a background"):
-        attribute_caption(DEFAULT_CAPTION, "Bag", None, "upright", "garment")
+        fill_caption(DEFAULT_CAPTION, "Bag", None, "upright", "garment")
     with pytest.raises(ValueError, match="unknown field"):
-        attribute_caption("a {colour} {class}", "Bag")
+        fill_caption("a {colour} {class}", "Bag")
 
 
 def test_scrub_removes_every_class_name_and_part():
@@ -69,7 +69,9 @@ def test_bank_round_trip_and_validation(tmp_path):
     path = bank.save(tmp_path / "attributes.json")
     loaded = AttributeBank.load(path, CLASSES)
     assert loaded.records == bank.records and loaded.descriptor == "garment"
-    assert json.loads(path.read_text())["summary"]["background"]  # counts for a person reviewing the file
+    summary = json.loads(path.read_text())["summary"]["background"]  # counts for a person reviewing the file
+    backgrounds = [r["background"] for r in bank.records]
+    assert summary == {b: backgrounds.count(b) for b in set(backgrounds)}
     with pytest.raises(ValueError, match="made for classes"):
         AttributeBank.load(path, CLASSES[::-1])
     data = json.loads(path.read_text())
@@ -105,7 +107,7 @@ def test_clip_extractor_picks_from_the_vocabularies_and_never_names_a_class():
 
 def _requests(bank_path, sampling: str, n: int = 300) -> list[dict]:
     return GenerationRequestsDataModule(
-        class_names=CLASSES, images_per_class=n, attribute_sampling=sampling, attribute_bank=str(bank_path),
+        class_names=CLASSES, images_per_class=n, attribute_mode=sampling, attribute_bank=str(bank_path),
         prompt_template=DEFAULT_CAPTION).requests()
 
 
@@ -126,8 +128,9 @@ def test_marginalised_attributes_are_independent_of_the_class(tmp_path):
     r = bob[0]
     assert r["prompt"] == (f"a garment photo of a {r['class_name']} in the {r['background']} background with the "
                            f"{r['pose']} pose")
-    assert r["attribute_sampling"] == "bob" and r["attributes_from"].startswith("train:")
-    assert _requests(path, "bob", n=5) == _requests(path, "bob", n=5)  # seeded per request
+    assert r["attribute_mode"] == "bob" and r["attributes_from"].startswith("train:")
+    # seeded per request: a request draws the same attributes however many requests are made
+    assert _requests(path, "bob", n=5) == [r for r in _requests(path, "bob", n=7) if r["index"] < 5]
 
 
 def test_generation_attribute_options_are_checked(tmp_path):
@@ -135,15 +138,15 @@ def test_generation_attribute_options_are_checked(tmp_path):
     edited = biased_bank()
     edited.records[0]["background"] = "gravel" if edited.records[0]["background"] != "gravel" else "brick wall"
     other = edited.save(tmp_path / "edited.json")
-    described = [GenerationRequestsDataModule(class_names=CLASSES, attribute_sampling="bob", attribute_bank=str(p),
+    described = [GenerationRequestsDataModule(class_names=CLASSES, attribute_mode="bob", attribute_bank=str(p),
                                               prompt_template=DEFAULT_CAPTION).describe() for p in (path, other)]
     assert described[0] != described[1]  # a resumed generation refuses an edited bank
     with pytest.raises(ValueError, match="needs attribute_bank"):
-        GenerationRequestsDataModule(class_names=CLASSES, attribute_sampling="bob", prompt_template=DEFAULT_CAPTION)
+        GenerationRequestsDataModule(class_names=CLASSES, attribute_mode="bob", prompt_template=DEFAULT_CAPTION)
     with pytest.raises(ValueError, match="uses attributes"):
         GenerationRequestsDataModule(class_names=CLASSES, prompt_template=DEFAULT_CAPTION)
     with pytest.raises(ValueError, match="made for classes"):
-        GenerationRequestsDataModule(class_names=CLASSES[:5], attribute_sampling="bob", attribute_bank=str(path),
+        GenerationRequestsDataModule(class_names=CLASSES[:5], attribute_mode="bob", attribute_bank=str(path),
                                      prompt_template=DEFAULT_CAPTION)
 
 

@@ -11,12 +11,12 @@ import torch
 
 from lbgen.components import TimmBackbone
 from lbgen.datamodules import FashionMNISTDataModule
-from lbgen.models import ImageClassifier
+from lbgen.models import ClassifierSystem
 
 
-def _classifier(**kwargs) -> ImageClassifier:
+def _classifier(**kwargs) -> ClassifierSystem:
     torch.manual_seed(0)
-    return ImageClassifier(TimmBackbone("test_resnet"), num_classes=10, **kwargs)
+    return ClassifierSystem(TimmBackbone("test_resnet"), num_classes=10, **kwargs)
 
 
 def _trainer(tmp_path, **kwargs) -> L.Trainer:
@@ -79,6 +79,11 @@ def test_tuple_batches_are_accepted():
     model = _classifier()
     images, labels = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     loss = model.training_step((images, labels), 0)
+    logits = model(images)  # train mode, so batch statistics: the step's logits again
+    total, terms = model.training_loss(logits, labels)
+    assert set(terms) == {"cross_entropy"}
+    torch.testing.assert_close(loss, total)  # the step trains on training_loss's total: cross-entropy here
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, labels))
     loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
@@ -106,7 +111,7 @@ def test_pretrained_backbone_is_saved_for_transfer(fmnist_fixture, tmp_path):
     _trainer(tmp_path, max_steps=2).fit(model, FashionMNISTDataModule(root=str(fmnist_fixture), shots=2,
                                                                        batch_size=8))
     assert out.is_file() and not list(out.parent.glob("*.tmp"))
-    probe = ImageClassifier(TimmBackbone("test_resnet", checkpoint_path=str(out)), num_classes=10, finetune="linear")
+    probe = ClassifierSystem(TimmBackbone("test_resnet", checkpoint_path=str(out)), num_classes=10, finetune="linear")
     for (name, a), b in zip(model.backbone.state_dict().items(), probe.backbone.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
     assert not any(p.requires_grad for p in probe.backbone.parameters())
@@ -131,4 +136,4 @@ def test_pickled_code_is_refused(tmp_path):
 ])
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        ImageClassifier(TimmBackbone("test_resnet"), **{"num_classes": 10, **kwargs})
+        ClassifierSystem(TimmBackbone("test_resnet"), **{"num_classes": 10, **kwargs})

@@ -1,4 +1,4 @@
-"""ClipTrainer: contrastive training on class captions, zero-shot evaluation, and the saved local-dir folder."""
+"""ClipSystem: contrastive training on class captions, zero-shot evaluation, and the saved local-dir folder."""
 
 from __future__ import annotations
 
@@ -12,17 +12,17 @@ from open_clip.loss import ClipLoss
 from lbgen.components.clip import ClipScorer
 from lbgen.datamodules import FashionMNISTDataModule
 from lbgen.datamodules.fashion_mnist import CLASS_NAMES
-from lbgen.models import ClipTrainer
-from lbgen.models.clip_trainer import CONFIG_FILE, WEIGHTS_FILE, label_contrastive_loss
+from lbgen.models import ClipSystem
+from lbgen.models.clip import CONFIG_FILE, WEIGHTS_FILE, label_contrastive_loss
 
 TINY_MODEL = {"embed_dim": 32,
               "vision_cfg": {"image_size": 16, "patch_size": 4, "width": 64, "head_width": 32, "layers": 2},
               "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 
 
-def make_model(**kwargs) -> ClipTrainer:
+def make_model(**kwargs) -> ClipSystem:
     torch.manual_seed(0)
-    return ClipTrainer(model_config=TINY_MODEL, class_names=CLASS_NAMES, num_classes=len(CLASS_NAMES), **kwargs)
+    return ClipSystem(model_config=TINY_MODEL, class_names=CLASS_NAMES, num_classes=len(CLASS_NAMES), **kwargs)
 
 
 def make_data(root: Path) -> FashionMNISTDataModule:
@@ -30,7 +30,7 @@ def make_data(root: Path) -> FashionMNISTDataModule:
                                   eval_batch_size=100)
 
 
-def fit(model: ClipTrainer, data: FashionMNISTDataModule, steps: int) -> L.Trainer:
+def fit(model: ClipSystem, data: FashionMNISTDataModule, steps: int) -> L.Trainer:
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         check_val_every_n_epoch=1000)
@@ -50,11 +50,11 @@ def trained(fmnist_fixture, tmp_path_factory) -> dict:
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     before = trainer.test(model, datamodule=data, verbose=False)[0]["test/zero_shot_acc"]
     torch.manual_seed(0)
-    loss_before = sum(model.loss_terms(batch["image"], batch["label"]).values()).item()
+    loss_before = model.training_loss(batch["image"], batch["label"])[0].item()
     trainer = fit(model, data, steps=120)
     after = trainer.test(model, datamodule=data, verbose=False)[0]["test/zero_shot_acc"]
     torch.manual_seed(0)
-    loss_after = sum(model.loss_terms(batch["image"], batch["label"]).values()).item()
+    loss_after = model.training_loss(batch["image"], batch["label"])[0].item()
     return {"model": model.eval(), "folder": Path(model.output_dir), "acc": (before, after),
             "loss": (loss_before, loss_after)}
 
@@ -88,7 +88,7 @@ def test_saved_folder_loads_through_clip_scorer_with_identical_features(trained)
 def test_every_weighted_term_reaches_every_trainable_parameter(term):
     model = make_model()
     images, labels = torch.rand(12, 3, 16, 16), torch.arange(12) % 4
-    terms = model.loss_terms(images, labels)
+    _, terms = model.training_loss(images, labels)
     assert set(terms) == {"image_to_text", "text_to_image"}
     terms[term].backward()
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -99,9 +99,37 @@ def test_every_weighted_term_reaches_every_trainable_parameter(term):
     assert not missing, f"{term} does not reach {missing}"
 
 
+def test_trained_total_is_the_weighted_sum_of_every_term(monkeypatch):
+    """``training_loss``'s total, which ``training_step`` returns for Lightning to back-propagate, carries each
+    term's gradient with its weight. Mutations checked: with ``training_loss`` returning only the weighted
+    ``image_to_text`` term, this test fails at the ``assert_close`` of the total; with ``training_step`` returning
+    ``terms["image_to_text"]``, at its last line."""
+    model = make_model(image_to_text_weight=0.7, text_to_image_weight=1.3)  # not 1: a dropped weight fails too
+    images, labels = torch.rand(12, 3, 16, 16), torch.arange(12) % 4
+    total, terms = model.training_loss(images, labels, [torch.Generator().manual_seed(i) for i in range(12)])
+    assert set(terms) == set(model.weights) == {"image_to_text", "text_to_image"}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def gradient(loss: torch.Tensor) -> torch.Tensor:
+        grads = torch.autograd.grad(loss, trainable, retain_graph=True, materialize_grads=True)
+        return torch.cat([g.flatten() for g in grads])
+
+    full, parts = gradient(total), {name: gradient(term) for name, term in terms.items()}
+    for name, part in parts.items():
+        assert not torch.allclose(full, full - model.weights[name] * part, rtol=1e-3, atol=1e-6), name
+    torch.testing.assert_close(full, sum(model.weights[n] * g for n, g in parts.items()), rtol=1e-3, atol=1e-6,
+                               msg="the total is not the weighted sum of its terms")
+    # training_step returns that very total (Lightning back-propagates what the step returns)
+    training_loss, returned = model.training_loss, []
+    monkeypatch.setattr(model, "training_loss", lambda *args: returned.append(training_loss(*args)) or returned[-1])
+    assert model.training_step({"image": images, "label": labels}, 0) is returned[0][0]
+
+
 def test_zero_weight_drops_the_term():
     model = make_model(text_to_image_weight=0.0)
-    assert set(model.loss_terms(torch.rand(4, 3, 16, 16), torch.arange(4))) == {"image_to_text"}
+    total, terms = model.training_loss(torch.rand(4, 3, 16, 16), torch.arange(4))
+    assert set(terms) == {"image_to_text"}
+    torch.testing.assert_close(total, terms["image_to_text"])
     with pytest.raises(ValueError, match="loss weights"):
         make_model(image_to_text_weight=0.0, text_to_image_weight=0.0)
 
@@ -120,8 +148,8 @@ def test_label_contrastive_loss_is_clip_loss_when_labels_are_distinct():
 
 def test_bad_arguments_are_reported():
     with pytest.raises(ValueError, match="class_names"):
-        ClipTrainer(model_config=TINY_MODEL)
+        ClipSystem(model_config=TINY_MODEL)
     with pytest.raises(ValueError, match="num_classes=3"):
-        ClipTrainer(model_config=TINY_MODEL, class_names=CLASS_NAMES, num_classes=3)
+        ClipSystem(model_config=TINY_MODEL, class_names=CLASS_NAMES, num_classes=3)
     with pytest.raises(ValueError, match="template"):
-        ClipTrainer(model_config=TINY_MODEL, class_names=CLASS_NAMES, templates=["a photo."])
+        ClipSystem(model_config=TINY_MODEL, class_names=CLASS_NAMES, templates=["a photo."])

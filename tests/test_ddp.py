@@ -15,13 +15,11 @@ import pytest
 import torch
 import yaml
 
-from lbgen.callbacks.dataset_writer import MANIFEST_FILE, complete_shards
-from lbgen.datamodules.sampling import KeyedIndex, SeededDistributedSampler
-from lbgen.datamodules.synthetic import read_manifest
+from lbgen.datamodules.order import KeyedIndex, SeededDistributedSampler
+from lbgen.storage.dataset_format import MANIFEST_FILE, complete_shards, read_manifest
 
-from .conftest import REPO
+from .conftest import REPO, load_recipe, shrink
 from .reliability.test_resume import SYSTEMS, last_weights, tiny_recipe
-from .test_cli_and_configs import load_recipe, recipe_paths, shrink  # noqa: F401 (fixture)
 from .test_generation import pngs
 
 SGD = {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.05}}
@@ -62,7 +60,7 @@ def layout_recipe(config: str, paths: dict, out: Path, processes: int) -> Path:
 
 def run_lbgen(*args: str, timeout: int = 300) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "lbgen.cli", *args], env=env, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "lbgen", *args], env=env, capture_output=True, text=True,
                             timeout=timeout)
     assert result.returncode == 0, result.stderr[-4000:]
 
@@ -70,7 +68,7 @@ def run_lbgen(*args: str, timeout: int = 300) -> None:
 @pytest.mark.slow
 @pytest.mark.ddp
 @pytest.mark.parametrize("system", sorted(SYSTEMS))
-def test_two_processes_at_half_batch_train_like_one(system, recipe_paths, tmp_path):  # noqa: F811
+def test_two_processes_at_half_batch_train_like_one(system, recipe_paths, tmp_path):
     weights = {}
     for processes in (1, 2):
         out = tmp_path / f"p{processes}"
@@ -87,7 +85,7 @@ def test_two_processes_at_half_batch_train_like_one(system, recipe_paths, tmp_pa
 
 @pytest.mark.slow
 @pytest.mark.ddp
-def test_evaluation_on_two_processes_counts_every_test_image_once(recipe_paths, tmp_path):  # noqa: F811
+def test_evaluation_on_two_processes_counts_every_test_image_once(recipe_paths, tmp_path):
     out = tmp_path / "train"
     out.mkdir()
     recipe = layout_recipe("classifier/fashion_5shot.yaml", recipe_paths, out, 1)
@@ -133,7 +131,7 @@ def test_seeded_sampler_splits_one_global_order_by_rank():
 
 @pytest.mark.slow
 @pytest.mark.ddp
-def test_attribute_bank_from_two_processes_equals_one(recipe_paths, tmp_path):  # noqa: F811
+def test_attribute_bank_from_two_processes_equals_one(recipe_paths, tmp_path):
     banks = {}
     for processes in (1, 2):
         out = tmp_path / f"p{processes}"
@@ -156,7 +154,7 @@ def free_port() -> int:
 
 @pytest.mark.slow
 @pytest.mark.ddp
-def test_generation_on_two_torchrun_nodes_equals_one_process_and_resumes_on_one(recipe_paths, tmp_path):  # noqa: F811
+def test_generation_on_two_torchrun_nodes_equals_one_process_and_resumes_on_one(recipe_paths, tmp_path):
     """``torchrun`` on 2 "nodes" (2 launchers on this machine, ``num_nodes: 2``) makes the 1-process image set; a run
     killed on 2 nodes is finished by 1 process (resume across a different number of ranks)."""
     tree = shrink(load_recipe(REPO / "configs/generate/fashion_txt2img.yaml"), {**recipe_paths, "out": tmp_path})
@@ -170,7 +168,7 @@ def test_generation_on_two_torchrun_nodes_equals_one_process_and_resumes_on_one(
     port = free_port()
     launchers = [subprocess.Popen(
         [str(Path(sys.executable).parent / "torchrun"), "--nnodes=2", f"--node-rank={node}", "--nproc-per-node=1",
-         "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "lbgen.cli", "predict", "-c",
+         "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "lbgen", "predict", "-c",
          str(tmp_path / "nodes.yaml"), "--trainer.num_nodes=2", "--trainer.devices=1", "--trainer.strategy=ddp"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
     for launcher in launchers:

@@ -54,3 +54,21 @@ def test_load_generator_errors(tmp_path):
         load_generator(str(tmp_path))
     with pytest.raises(ValueError, match="image_size 30"):
         build_generator(image_size=30)
+
+
+def test_new_generator_takes_exactly_build_generators_arguments():
+    """NewGenerator restates build_generator's parameters for the CLI: a parameter added to one must reach the
+    other (one had been lost before: text_intermediate)."""
+    import inspect
+
+    from lbgen.components.diffusion import NewGenerator
+
+    built = inspect.signature(build_generator).parameters
+    source = inspect.signature(NewGenerator).parameters
+    assert list(source) == ["vae", *built]
+    assert {k: p.default for k, p in source.items() if k != "vae"} == {k: p.default for k, p in built.items()}
+    generator = NewGenerator(image_size=16, vae_channels=(16, 32), unet_channels=(16, 32), cross_attention_dim=16,
+                             attention_head_dim=4, text_layers=1, text_heads=2, text_intermediate=24, seed=3)
+    pipe = generator()
+    assert pipe.text_encoder.config.intermediate_size == 24
+    assert generator.generator_id == "new-generator(seed=3)"

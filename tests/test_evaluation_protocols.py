@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lbgen.evaluation import accuracy_table, label_consistency
+from lbgen.evaluation import accuracy_rows, accuracy_table, label_consistency
 
 from .test_generation import generate
 
@@ -40,5 +40,7 @@ def test_accuracy_table(tmp_path):
     for i, acc in enumerate((0.5, 0.7)):
         (tmp_path / "a" / f"version_{i}").mkdir(parents=True)
         (tmp_path / "a" / f"version_{i}" / "test_metrics.json").write_text(json.dumps({"acc": acc}))
-    table = accuracy_table({"real": tmp_path / "a", "missing": tmp_path / "b"})
-    assert "| real | 60.00 | 14.14 | 2 |" in table and "| missing | - | - | 0 |" in table
+    rows = accuracy_rows(tmp_path, [{"label": "real", "runs": "a"}, {"label": "missing", "runs": "b"}])
+    table = accuracy_table(rows, baseline=None)
+    # mean 60, Student-t 95% half-width over 2 runs: 12.706 * 14.142 / sqrt(2) = 127.06; the best row is bold
+    assert "| real | **60.00 ± 127.06** | - | 2 |" in table and "| missing | - | - | 0 |" in table

@@ -15,7 +15,7 @@ from lbgen.evaluation.report import write_report
 from lbgen.experiment import expand_stages, load_experiment, missing_inputs, run_stages
 from lbgen.experiment import main as experiment_main
 
-from .conftest import REPO
+from .conftest import REPO, overlay_base
 
 
 def test_stages_expand_in_order_with_placeholders(tmp_path):
@@ -39,13 +39,100 @@ EXPERIMENTS = sorted([*(REPO / "configs/experiments").glob("*.yaml"), *(REPO / "
 
 
 def test_every_experiment_file_expands():
+    assert {p.name for p in EXPERIMENTS} >= {"fashion_5shot.yaml", "quickstart.yaml", "fashion.yaml"}
     for path in EXPERIMENTS:
         stages = expand_stages(load_experiment(path))
         assert stages, path
-        for stage in stages:  # every recipe a stage names exists
-            for word in stage.args:
-                if word.endswith(".yaml"):
-                    assert Path(word).is_file(), f"{path.name}: {stage.name} names {word}"
+        for stage in stages:  # every recipe a stage names exists, and an overlay comes after its base
+            recipes = [Path(word) for word in stage.args if word.endswith(".yaml")]
+            for i, recipe in enumerate(recipes):
+                assert recipe.is_file(), f"{path.name}: {stage.name} names {recipe}"
+                base = overlay_base(recipe)
+                assert base is None or base in recipes[:i], (
+                    f"{path.name}: {stage.name} reads the overlay {recipe.name} without its base {base} before it")
+
+
+def _write(folder: Path, name: str, spec: dict) -> Path:
+    path = folder / name
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+BASE_EXPERIMENT = {
+    "name": "base", "needs": ["runs/x/done"],
+    "stages": [{"name": "prep", "run": "fit -c {configs}/a.yaml --trainer.max_steps 100", "done": "runs/prep"},
+               {"name": "gen-{m}", "for_each": {"m": ["p", "q", "r"]}, "run": "predict -c {configs}/g_{m}.yaml",
+                "done": "runs/gen/{m}"},
+               {"name": "seeds-s{s}", "for_each": {"s": [0, 1]}, "run": "fit --seed_everything {s}",
+                "done": "runs/seeds/{s}"}],
+    "report": {"baseline": "real", "accuracy": [{"label": "real", "runs": "runs/prep"}]}}
+
+
+def test_an_overlay_experiment_selects_overrides_and_inherits_the_base(tmp_path):
+    _write(tmp_path, "base.yaml", BASE_EXPERIMENT)
+    overlay = _write(tmp_path, "short.yaml", {
+        "extends": "base.yaml", "drop": ["gen-q", "seeds-*"],
+        "overrides": {"prep": "--trainer.max_steps 10 -c {configs}/half.yaml", "gen-*": ["--data.n", "4"]},
+        "stages": [{"name": "extra", "run": "test -c {configs}/t.yaml", "done": "runs/extra"}]})
+    spec = load_experiment(overlay)
+    stages = expand_stages(spec, configs=Path("/cfg"))
+    assert [s.name for s in stages] == ["prep", "gen-p", "gen-r", "extra"]  # the base's order, then its own
+    assert stages[0].args == ("fit", "-c", "/cfg/a.yaml", "--trainer.max_steps", "100", "--trainer.max_steps", "10",
+                              "-c", "/cfg/half.yaml")  # appended: later words win
+    assert stages[2].args == ("predict", "-c", "/cfg/g_r.yaml", "--data.n", "4") and stages[2].done == "runs/gen/r"
+    assert stages[3].args == ("test", "-c", "/cfg/t.yaml")
+    # name, needs and report inherited; the base file untouched
+    assert spec["name"] == "base" and spec["needs"] == ["runs/x/done"] and spec["report"] == BASE_EXPERIMENT["report"]
+    assert [s.name for s in expand_stages(load_experiment(tmp_path / "base.yaml"))][1:4] == ["gen-p", "gen-q", "gen-r"]
+    # `only` keeps the named stages; its own report replaces the base's; an overlay of an overlay
+    _write(tmp_path, "only.yaml", {"extends": "short.yaml", "only": ["gen-r", "extra"], "report": {"baseline": "x"}})
+    spec = load_experiment(tmp_path / "only.yaml")
+    assert [s.name for s in expand_stages(spec)] == ["gen-r", "extra"] and spec["report"] == {"baseline": "x"}
+    assert expand_stages(spec)[0].args[-2:] == ("--data.n", "4")  # the middle overlay's override kept
+
+
+@pytest.mark.parametrize(("overlay", "match"), [
+    ({"drop": ["gen-x"]}, r"drop: 'gen-x' is not a stage of the base experiment \(its stages: prep, gen-p"),
+    ({"only": ["nothing-*"]}, "only: 'nothing-\\*' is not a stage"),
+    ({"overrides": {"prepp": "--x 1"}}, r"overrides\['prepp'\]: no stage of that name"),
+    ({"drop": ["gen-q"], "overrides": {"gen-q": "--x 1"}}, r"overrides\['gen-q'\]: gen-q left out by only / drop"),
+    ({"only": ["prep"], "drop": ["gen-p"]}, "give only .* or drop .*, not both"),
+    ({"drop": "gen-p"}, "drop is a list of stage names"),
+    ({"overrides": ["prep"]}, "overrides maps stage names"),
+    ({"stages": [{"name": "prep", "run": "fit", "done": "d"}]}, "duplicate stage name 'prep'"),
+    ({"overrides": {"prep": "--x {nope}"}}, "unknown placeholder"),
+])
+def test_an_overlay_naming_an_unknown_stage_is_refused_with_the_file_named(tmp_path, overlay, match):
+    _write(tmp_path, "base.yaml", BASE_EXPERIMENT)
+    path = _write(tmp_path, "bad.yaml", {"extends": "base.yaml", **overlay})
+    with pytest.raises(ValueError, match=match) as refused:
+        load_experiment(path)
+    assert str(refused.value).startswith(str(path))
+
+
+def test_overlay_keys_need_a_base_and_bases_must_exist_without_cycles(tmp_path):
+    with pytest.raises(ValueError, match="name it with extends"):
+        load_experiment(_write(tmp_path, "a.yaml", {"stages": [], "drop": ["x"]}))
+    with pytest.raises(FileNotFoundError, match="missing.yaml .*extended by"):
+        load_experiment(_write(tmp_path, "b.yaml", {"extends": "missing.yaml"}))
+    _write(tmp_path, "c.yaml", {"extends": "d.yaml"})
+    with pytest.raises(ValueError, match="circle"):
+        load_experiment(_write(tmp_path, "d.yaml", {"extends": "c.yaml"}))
+    with pytest.raises(ValueError, match="load_experiment"):  # a spec given as a dict names no file to read
+        expand_stages({"extends": "base.yaml"})
+
+
+def test_the_quickstart_is_the_benchmark_with_fewer_stages_and_shorter_schedules():
+    benchmark = {s.name: s for s in expand_stages(load_experiment(REPO / "configs/experiments/fashion_5shot.yaml"))}
+    quick = expand_stages(load_experiment(REPO / "configs/experiments/quickstart.yaml"))
+    assert len(quick) == 28 and not [s for s in quick if s.name.startswith("seeds-") or "img2img_low" in s.name]
+    for stage in quick:  # the benchmark's command, then the overrides; the same done file
+        base = benchmark[stage.name]
+        assert stage.args[:len(base.args)] == base.args and stage.done == base.done
+    by_name = {s.name: s for s in quick}
+    assert by_name["vae"].args[-4:] == ("--trainer.max_steps", "150", "--trainer.val_check_interval", "75")
+    assert by_name["classifier-bob"].args[-4:-2] == ("-c", str(REPO / "configs/classifier/half_width.yaml"))
+    assert by_name["score-bob"].args == benchmark["score-bob"].args  # no override
 
 
 def test_every_dataset_a_stage_reads_is_made_before_it_or_needed():

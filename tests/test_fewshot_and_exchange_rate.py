@@ -100,7 +100,7 @@ def test_fewshot_episodes_system_writes_rows_for_every_shot_and_support(fmnist_f
 
     from lbgen.components import TimmBackbone
     from lbgen.datamodules import EpisodeDataModule, FashionMNISTDataModule, SyntheticDataModule
-    from lbgen.models import FewShotEpisodes
+    from lbgen.models import FewShotSystem
 
     from .test_generation import generate
 
@@ -110,7 +110,7 @@ def test_fewshot_episodes_system_writes_rows_for_every_shot_and_support(fmnist_f
         real = FashionMNISTDataModule(root=str(fmnist_fixture), image_size=16, predict_split="test")
         syn = SyntheticDataModule(str(tmp_path / "syn"), image_size=16) if synthetic else None
         torch.manual_seed(0)
-        model = FewShotEpisodes(TimmBackbone("test_resnet"), str(tmp_path / out), k_shots=[1, 2], n_query=2,
+        model = FewShotSystem(TimmBackbone("test_resnet"), str(tmp_path / out), k_shots=[1, 2], n_query=2,
                                 episodes=4, synthetic_per_class=per_class)
         L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).predict(
             model, EpisodeDataModule(real, syn), return_predictions=False)

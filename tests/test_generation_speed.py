@@ -16,13 +16,14 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, PNDMScheduler
 
 from lbgen.callbacks import dataset_writer
-from lbgen.callbacks.dataset_writer import RUN_FILE, SHARD_DIR, BackgroundWorker, complete_shards, read_index
+from lbgen.callbacks.dataset_writer import BackgroundWorker
 from lbgen.components import PretrainedGenerator
 from lbgen.components.diffusion import load_generator
 from lbgen.datamodules import FashionMNISTDataModule, MixedDataModule, SyntheticDataModule
-from lbgen.datamodules import synthetic as synthetic_module
-from lbgen.models import DiffusionGenerator
+from lbgen.models import GenerationSystem
 from lbgen.models.generation import PromptEmbeddingCache, sample_txt2img
+from lbgen.storage import dataset_format as synthetic_module
+from lbgen.storage.dataset_format import RUN_FILE, SHARD_DIR, complete_shards, read_index
 
 from .conftest import REPO
 from .test_generation import _decode, generate, pngs
@@ -47,7 +48,7 @@ def seeded(n: int) -> list[torch.Generator]:
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 def test_sampler_loop_gives_the_pipelines_bytes(tiny_generator, scheduler, guidance):
     pipe = load_generator(str(tiny_generator))
-    pipe.scheduler = scheduler.from_config(pipe.scheduler.config)  # DDPM: noise drawn from the generators per step
+    pipe.scheduler = scheduler.from_config(pipe.scheduler.config)  # DDPM: noise drawn from the rngs per step
     with torch.no_grad():
         reference = pipe(PROMPTS, num_inference_steps=4, guidance_scale=guidance, generator=seeded(4),
                          output_type="pt").images
@@ -164,7 +165,7 @@ def test_writer_thread_error_stops_the_run_in_the_main_thread(tiny_generator, fm
 # --- flags ---------------------------------------------------------------------------------------------------------
 def test_compile_flag_compiles_the_unet_in_place(tiny_generator, tmp_path):
     # only built, not run: compiling even the tiny UNet took 50 s on the 2-core CI machine
-    model = DiffusionGenerator(PretrainedGenerator(str(tiny_generator)), output_dir=str(tmp_path), compile=True)
+    model = GenerationSystem(PretrainedGenerator(str(tiny_generator)), output_dir=str(tmp_path), compile=True)
     assert model.unet._compiled_call_impl is not None and model.txt2img.unet is model.unet
     assert model.generator_record["compile"] is True and "channels_last" not in model.generator_record
     assert not any(k.startswith("_orig_mod") for k in model.state_dict())  # no second copy of the weights
@@ -181,11 +182,11 @@ def test_channels_last_gives_the_images_within_a_level(tiny_generator, fmnist_fi
     assert json.loads((tmp_path / "cl" / RUN_FILE).read_text())["channels_last"] is True
     with pytest.raises(ValueError, match="other settings"):  # a resume must keep the numerics of the run
         generate(tiny_generator, fmnist_fixture, tmp_path / "cl", images_per_class=1)
-    model = DiffusionGenerator(PretrainedGenerator(str(tiny_generator)), output_dir=str(tmp_path / "x"),
+    model = GenerationSystem(PretrainedGenerator(str(tiny_generator)), output_dir=str(tmp_path / "x"),
                                channels_last=True)
     assert model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="writer_queue"):
-        DiffusionGenerator(PretrainedGenerator(str(tiny_generator)), output_dir=str(tmp_path), writer_queue=-1)
+        GenerationSystem(PretrainedGenerator(str(tiny_generator)), output_dir=str(tmp_path), writer_queue=-1)
 
 
 # --- reading synthetic data -----------------------------------------------------------------------------------------

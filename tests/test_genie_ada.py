@@ -37,14 +37,29 @@ def test_adaptive_strength_picks_the_image_at_the_crossing():
         adaptive_strength(generate, judge, [0.8, 0.5], torch.tensor([0]), torch.tensor([1]))
 
 
-def test_genie_ada_generation_keeps_each_image_at_its_chosen_ratio(tiny_generator, fmnist_fixture, tmp_path):
-    """Each GeNIe-Ada image is byte for byte the fixed-r GeNIe image (same request, same seed) at its chosen r."""
+def test_genie_ada_generation_keeps_each_image_at_its_chosen_ratio(tiny_generator, fmnist_fixture, tmp_path,
+                                                                   monkeypatch):
+    """Each GeNIe-Ada image is byte for byte the fixed-r GeNIe image (same request, same seed) at its chosen r, and
+    that r is where the judge's belief first crosses from the source class to the target class."""
     from lbgen.components import ClipScorer
+    from lbgen.models import generation
     from lbgen.models.scoring import consistency_report
 
     from .test_alignment_components import TINY_CLIP
     from .test_generation import generate, pngs
 
+    judged = {}  # (class, source class, recorded target probabilities) -> the judge's (target, source) along the sweep
+
+    def recording_adaptive_strength(generate_at, judge_images, strengths, source, target):
+        probs = []
+        result = adaptive_strength(generate_at, lambda x: probs.append(judge_images(x).float().cpu()) or probs[-1],
+                                   strengths, source, target)
+        rows, stacked = torch.arange(len(target)), torch.stack(probs)  # [S, B, classes]
+        for i, (t, s) in enumerate(zip(stacked[:, rows, target].T, stacked[:, rows, source].T, strict=True)):
+            judged[int(target[i]), int(source[i]), tuple(round(float(p), 4) for p in t)] = (t, s)
+        return result
+
+    monkeypatch.setattr(generation, "adaptive_strength", recording_adaptive_strength)
     sweep = [0.4, 0.7, 1.0]
     judge = ClipScorer(model_name="tiny", pretrained=None, model_config=TINY_CLIP)
     _, ada = generate(tiny_generator, fmnist_fixture, tmp_path / "ada", method="genie", images_per_class=2,
@@ -57,9 +72,10 @@ def test_genie_ada_generation_keeps_each_image_at_its_chosen_ratio(tiny_generato
     for record in ada:
         name = record["id"] + ".png"
         assert ada_images[name] == fixed[record["ada_strength"]][name]
-        probs = record["ada_target_prob"]
         chosen = sweep.index(record["ada_strength"])
-        assert chosen == len(sweep) - 1 or probs[chosen] > 0  # a crossing has target probability
+        target_p, source_p = judged[record["class_index"], record["source_class"], tuple(record["ada_target_prob"])]
+        assert (target_p[:chosen] <= source_p[:chosen]).all(), "an earlier r already crossed"
+        assert target_p[chosen] > source_p[chosen] or chosen == len(sweep) - 1, "no crossing at the chosen r"
     records = [{**r, "scores": {"oracle_agrees": True}} for r in ada]
     assert set(consistency_report(records, [str(i) for i in range(10)])["per_setting"]) == {"genie@ada"}
     with pytest.raises(ValueError, match="needs a judge"):

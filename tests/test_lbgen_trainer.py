@@ -14,49 +14,58 @@ from lbgen.components.lora import LORA_FILE
 from lbgen.components.sampling import make_sampler, sample_latents
 from lbgen.datamodules.class_names import BalancedLabels, ClassNamesDataModule, read_class_names
 from lbgen.losses import QualityLoss
-from lbgen.models.lbgen_trainer import LbGenTrainer
+from lbgen.models.lbgen_finetune import LbGenSystem
 
 from .test_alignment_components import TINY_CLIP
 
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat"]
 
 
-def make_trainer(generator_folder, weights=(1.0, 1.0, 0.1), **kwargs) -> LbGenTrainer:
+def make_trainer(generator_folder, weights=(1.0, 1.0, 0.1), **kwargs) -> LbGenSystem:
     torch.manual_seed(0)
     en, inst, q = weights
     clip = ClipScorer(model_config=TINY_CLIP, pretrained=None) if en or inst else None
     quality = QualityLoss("cnniqa", metric_kwargs={"pretrained": None}) if q else None
     defaults = dict(lora_rank=4, lora_init=False, num_inference_steps=4, grad_steps=2, guidance_scale=2.0,
                     discriminator_hidden=16, class_names=CLASSES)
-    return LbGenTrainer(PretrainedGenerator(str(generator_folder)), clip=clip, quality=quality, en_weight=en,
+    return LbGenSystem(PretrainedGenerator(str(generator_folder)), clip=clip, quality=quality, en_weight=en,
                         in_weight=inst, q_weight=q, **{**defaults, **kwargs})
 
 
-def lora_parameters(system: LbGenTrainer) -> dict[str, torch.Tensor]:
+def lora_parameters(system: LbGenSystem) -> dict[str, torch.Tensor]:
     return {n: p for n, p in system.unet.named_parameters() if p.requires_grad}
 
 
-def lora_gradient(system: LbGenTrainer, weights: dict[str, float]) -> torch.Tensor:
-    """The LoRA gradient of ``sum w * term`` for one fixed batch (same noise every call)."""
-    system.zero_grad()
+def loss_gradients(system: LbGenSystem) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """LoRA gradients of ``training_loss``'s total (what the generator step back-propagates) and of each of its
+    named terms, from one graph of one fixed batch (same noise every call)."""
     labels = torch.tensor([0, 3])
     images = system.generate(labels, seed=7)
-    terms = system.loss_terms(images, labels, system.clip.encode_images(images).float())
-    sum(weights[n] * terms[n] for n in weights).backward()
-    return torch.cat([p.grad.flatten() for p in lora_parameters(system).values()])
+    features = system.clip.encode_images(images).float() if system.clip is not None else None
+    total, terms = system.training_loss(images, labels, features)
+    lora = list(lora_parameters(system).values())
+
+    def gradient(loss: torch.Tensor) -> torch.Tensor:
+        grads = torch.autograd.grad(loss, lora, retain_graph=True, materialize_grads=True)
+        return torch.cat([g.flatten() for g in grads])
+
+    return gradient(total), {name: gradient(term) for name, term in terms.items()}
 
 
-def test_every_weighted_term_changes_the_lora_gradient(tiny_generator):
-    system = make_trainer(tiny_generator)
-    assert set(system.weights) == {"en", "in", "q"}
-    full = lora_gradient(system, system.weights)
-    assert full.abs().sum() > 0
-    for name in system.weights:
-        without = lora_gradient(system, {n: w for n, w in system.weights.items() if n != name})
-        alone = lora_gradient(system, {name: system.weights[name]})
-        assert alone.abs().sum() > 0, f"L_{name} does not reach the LoRA"
-        assert not torch.allclose(full, without), f"dropping L_{name} leaves the gradient unchanged"
-        torch.testing.assert_close(full, without + alone, rtol=1e-3, atol=1e-6)  # the total is the weighted sum
+def test_every_weighted_term_changes_the_lora_gradient_of_the_trained_total(tiny_generator):
+    """The total ``training_step`` back-propagates is the weighted sum of every non-zero term, each of which moves
+    the LoRA gradient. Mutation checked: with ``training_loss`` returning ``self.weights["en"] * terms["en"]`` (the
+    official code's bug: only L_en back-propagated) this test fails at the ``assert_close`` of the total."""
+    system = make_trainer(tiny_generator, weights=(0.7, 1.3, 0.2))  # not 1: a dropped weight fails too
+    total, terms = loss_gradients(system)
+    assert set(terms) == {"en", "in", "q"} and set(system.weights) == set(terms)
+    for name, gradient in terms.items():
+        assert gradient.abs().sum() > 0, f"L_{name} does not reach the LoRA"
+        contribution = system.weights[name] * gradient  # not negligible: leaving L_{name} out changes what trains
+        assert not torch.allclose(total, total - contribution, rtol=1e-3, atol=1e-6), f"L_{name} is negligible"
+    weighted = sum(system.weights[name] * gradient for name, gradient in terms.items())
+    torch.testing.assert_close(total, weighted, rtol=1e-3, atol=1e-6,
+                               msg="the total is not the weighted sum of its terms")
 
 
 def test_gradients_flow_only_through_the_last_k_steps(tiny_generator):
@@ -76,8 +85,9 @@ def test_gradients_flow_only_through_the_last_k_steps(tiny_generator):
 
 
 def test_gradient_checkpointing_gives_the_same_gradient(tiny_generator):
-    plain = lora_gradient(make_trainer(tiny_generator), {"in": 1.0, "q": 0.1})
-    checkpointed = lora_gradient(make_trainer(tiny_generator, gradient_checkpointing=True), {"in": 1.0, "q": 0.1})
+    weights = (0.0, 1.0, 0.1)
+    plain, _ = loss_gradients(make_trainer(tiny_generator, weights))
+    checkpointed, _ = loss_gradients(make_trainer(tiny_generator, weights, gradient_checkpointing=True))
     torch.testing.assert_close(plain, checkpointed, rtol=1e-4, atol=1e-7)
 
 
@@ -87,13 +97,13 @@ def test_zero_weight_terms_and_their_models_are_not_built(tiny_generator):
     system = make_trainer(tiny_generator, weights=(0.0, 0.0, 0.5))
     assert system.clip is None and system.dataset_alignment is None
     with pytest.raises(ValueError, match="CLIP"):
-        LbGenTrainer(PretrainedGenerator(str(tiny_generator)), clip=None, quality=None, en_weight=1, in_weight=0,
+        LbGenSystem(PretrainedGenerator(str(tiny_generator)), clip=None, quality=None, en_weight=1, in_weight=0,
                      q_weight=0, lora_rank=2, class_names=CLASSES)
     with pytest.raises(ValueError, match="grad_steps"):
         make_trainer(tiny_generator, grad_steps=5, num_inference_steps=4)
 
 
-def fit(system: LbGenTrainer, tmp_path, batches: int, max_steps: int = -1, ckpt_path=None, **trainer_kwargs):
+def fit(system: LbGenSystem, tmp_path, batches: int, max_steps: int = -1, ckpt_path=None, **trainer_kwargs):
     data = ClassNamesDataModule(class_names=CLASSES, batch_size=2, samples_per_epoch=2 * batches, val_per_class=0)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, max_steps=max_steps, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
@@ -102,10 +112,26 @@ def fit(system: LbGenTrainer, tmp_path, batches: int, max_steps: int = -1, ckpt_
     return trainer
 
 
-def test_alternates_discriminator_and_generator_and_trains_only_lora_and_discriminator(tiny_generator, tmp_path):
+def test_alternates_discriminator_and_generator_and_trains_only_lora_and_discriminator(tiny_generator, tmp_path,
+                                                                                      monkeypatch):
+    """Also: every generator step back-propagates exactly ``training_loss``'s total (the tensor itself). Mutation
+    checked: with ``training_step`` back-propagating ``terms["en"]`` instead, the ``backpropagated`` check fails."""
     system = make_trainer(tiny_generator, discriminator_warmup_steps=1, output_dir=str(tmp_path / "lora"))
     before = {n: p.detach().clone() for n, p in system.named_parameters()}
-    seen = []
+    seen, totals, backpropagated = [], [], []
+    training_loss, manual_backward = system.training_loss, system.manual_backward
+
+    def recorded_training_loss(*args: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        total, terms = training_loss(*args)
+        totals.append(total)
+        return total, terms
+
+    def recorded_backward(loss: torch.Tensor, *args, **kwargs) -> None:
+        backpropagated.append(loss)
+        manual_backward(loss, *args, **kwargs)
+
+    monkeypatch.setattr(system, "training_loss", recorded_training_loss)
+    monkeypatch.setattr(system, "manual_backward", recorded_backward)
 
     class Spy(L.Callback):
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
@@ -113,6 +139,10 @@ def test_alternates_discriminator_and_generator_and_trains_only_lora_and_discrim
 
     trainer = fit(system, tmp_path, batches=3, callbacks=[Spy()])
     assert trainer.global_step == 1 + 2 * 2  # warm-up: discriminator only; then discriminator + generator
+    # backward calls: discriminator (warm-up), then discriminator + generator twice; each generator call gets the
+    # total its step's training_loss returned, nothing else
+    assert len(totals) == 2 and len(backpropagated) == 5
+    assert all(b is t for b, t in zip(backpropagated[2::2], totals, strict=True)), "not training_loss's total"
     lora_names = [n for n in seen[0] if n.startswith("unet.")]
     disc_names = [n for n in seen[0] if n.startswith("dataset_alignment.")]
     assert lora_names and disc_names

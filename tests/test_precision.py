@@ -27,13 +27,13 @@ from lbgen.datamodules.fashion_mnist import CLASS_NAMES
 from lbgen.losses import QualityLoss
 from lbgen.models import (
     AttributeExtractionSystem,
-    AutoencoderTrainer,
-    ClipTrainer,
-    DiffusionGenerator,
-    ImageClassifier,
-    LbGenTrainer,
-    QualityTrainer,
-    TextToImageTrainer,
+    AutoencoderSystem,
+    ClassifierSystem,
+    ClipSystem,
+    GenerationSystem,
+    LbGenSystem,
+    QualitySystem,
+    TextToImageSystem,
 )
 
 from .test_alignment_components import TINY_CLIP
@@ -127,9 +127,9 @@ def adam(params):
 
 
 # --- classifier ----------------------------------------------------------------------------------------------------
-def classifier(**kwargs) -> ImageClassifier:
+def classifier(**kwargs) -> ClassifierSystem:
     torch.manual_seed(0)
-    return ImageClassifier(TimmBackbone("test_resnet"), num_classes=10, **{"optimizer": adam, **kwargs})
+    return ClassifierSystem(TimmBackbone("test_resnet"), num_classes=10, **{"optimizer": adam, **kwargs})
 
 
 def test_classifier_fit(fmnist_fixture, tmp_path):
@@ -175,7 +175,7 @@ def test_classifier_test_and_predict(fmnist_fixture, tmp_path):
         assert report["num_test_images"] == 60 and np.isfinite(report["acc"])
     assert all(p.dtype == torch.float32 for p in model.parameters())  # evaluation leaves the weights alone
     low, high = probs[BF16], probs[FP32]
-    assert torch.isfinite(low).all() and ((low >= 0) & (low <= 1)).all()
+    assert torch.isfinite(low).all()  # softmax outputs: in [0, 1] by construction, so only NaN / inf can be wrong
     assert high.max(1).values.mean() > 0.3  # trained: the comparison below is not between uniform vectors
     torch.testing.assert_close(low.float(), high, atol=0.03, rtol=0)
     assert (low.argmax(1) == high.argmax(1)).float().mean() >= 0.9
@@ -183,9 +183,9 @@ def test_classifier_test_and_predict(fmnist_fixture, tmp_path):
 
 
 # --- VAE -----------------------------------------------------------------------------------------------------------
-def vae_system(root: Path) -> AutoencoderTrainer:
+def vae_system(root: Path) -> AutoencoderSystem:
     torch.manual_seed(0)
-    return AutoencoderTrainer(image_size=16, block_out_channels=(16, 32), optimizer=adam, output_dir=str(root / "vae"))
+    return AutoencoderSystem(image_size=16, block_out_channels=(16, 32), optimizer=adam, output_dir=str(root / "vae"))
 
 
 def test_vae_fit(fmnist_fixture, tmp_path):
@@ -193,16 +193,16 @@ def test_vae_fit(fmnist_fixture, tmp_path):
     run = fit(vae_system(tmp_path), fashion(fmnist_fixture, image_size=16), tmp_path)
     check_fit(run)
     scaling = run.model.scaling_factor
-    assert np.isfinite(scaling) and scaling > 0
+    assert np.isfinite(scaling) and scaling != pytest.approx(1.0)  # estimated: moved off the 1.0 it starts from
     assert json.loads((tmp_path / "vae" / "config.json").read_text())["scaling_factor"] == pytest.approx(scaling)
     check_first_loss_like_fp32(run, lambda: vae_system(tmp_path / "fp32"), fashion(fmnist_fixture, image_size=16),
                                tmp_path / "fp32")
 
 
 # --- text-to-image generator ---------------------------------------------------------------------------------------
-def t2i(tiny_generator: Path, mode: str, root: Path) -> TextToImageTrainer:
+def t2i(tiny_generator: Path, mode: str, root: Path) -> TextToImageSystem:
     torch.manual_seed(0)
-    return TextToImageTrainer(PretrainedGenerator(str(tiny_generator)), mode=mode, lora_rank=4, lora_init=False,
+    return TextToImageSystem(PretrainedGenerator(str(tiny_generator)), mode=mode, lora_rank=4, lora_init=False,
                               caption_dropout=0.0, optimizer=adam, output_dir=str(root / "out"))
 
 
@@ -217,9 +217,9 @@ def test_text_to_image_fit(mode, low, tiny_generator, fmnist_fixture, tmp_path):
 
 
 # --- CLIP and quality judges ---------------------------------------------------------------------------------------
-def clip_system() -> ClipTrainer:
+def clip_system() -> ClipSystem:
     torch.manual_seed(0)
-    return ClipTrainer(model_config=TINY_CLIP_16PX, class_names=CLASS_NAMES, num_classes=10, optimizer=adam)
+    return ClipSystem(model_config=TINY_CLIP_16PX, class_names=CLASS_NAMES, num_classes=10, optimizer=adam)
 
 
 def test_clip_fit(fmnist_fixture, tmp_path):
@@ -230,10 +230,10 @@ def test_clip_fit(fmnist_fixture, tmp_path):
     check_first_loss_like_fp32(run, clip_system, data, tmp_path / "fp32")
 
 
-def quality_system() -> QualityTrainer:
+def quality_system() -> QualitySystem:
     torch.manual_seed(0)
     quality = QualityLoss("cnniqa", metric_kwargs={"pretrained": None, "n_kers": 16, "n1_nodes": 64, "n2_nodes": 64})
-    return QualityTrainer(quality, optimizer=adam)
+    return QualitySystem(quality, optimizer=adam)
 
 
 def test_quality_fit(fmnist_fixture, tmp_path):
@@ -248,10 +248,10 @@ def test_quality_fit(fmnist_fixture, tmp_path):
 LBGEN_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat"]
 
 
-def lbgen_system(tiny_generator: Path) -> LbGenTrainer:
+def lbgen_system(tiny_generator: Path) -> LbGenSystem:
     torch.manual_seed(0)
     clip = ClipScorer(model_config=TINY_CLIP, pretrained=None)
-    return LbGenTrainer(PretrainedGenerator(str(tiny_generator)), clip=clip,
+    return LbGenSystem(PretrainedGenerator(str(tiny_generator)), clip=clip,
                         quality=QualityLoss("cnniqa", metric_kwargs={"pretrained": None}), lora_rank=4,
                         lora_init=False, num_inference_steps=3, grad_steps=1, discriminator_hidden=16,
                         class_names=LBGEN_CLASSES, optimizer=adam, discriminator_optimizer=adam)
@@ -277,8 +277,8 @@ def test_lbgen_fit(lbgen_run, tiny_generator):
         expected = reference.generate(torch.tensor([0, 3]), seed=7)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             images = system.generate(torch.tensor([0, 3]), seed=7)
-    assert images.dtype == torch.float32 and torch.isfinite(images).all()
-    assert images.min() >= 0 and images.max() <= 1 and images.std() > 0.01
+    # (in [0, 1] by generate's clamp; NaN would survive it)
+    assert images.dtype == torch.float32 and torch.isfinite(images).all() and images.std() > 0.01
     assert (images - expected).abs().mean() < 0.02
 
 
@@ -287,15 +287,16 @@ def test_lbgen_frozen_quality_judge_is_bf16(lbgen_run):
 
 
 # --- generation ----------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", params=["txt2img", "img2img_high"])
+@pytest.fixture(scope="module", params=["txt2img", "img2img"])
 def generated(request, tiny_generator, fmnist_fixture, tmp_path_factory) -> dict:
     """The same requests generated under bf16-mixed and fp32 (``lbgen predict``)."""
     out = {"method": request.param}
     for precision in (BF16, FP32):
         root = tmp_path_factory.mktemp(precision)
         data = GenerationRequestsDataModule(source_data=fashion(fmnist_fixture, image_size=16), batch_size=4,
-                                            images_per_class=1, classes=[0, 1, 2, 3], method=request.param)
-        model = DiffusionGenerator(PretrainedGenerator(str(tiny_generator)), output_dir=str(root / "data"),
+                                            images_per_class=1, classes=[0, 1, 2, 3], method=request.param,
+                                            strength=0.7 if request.param == "img2img" else None)
+        model = GenerationSystem(PretrainedGenerator(str(tiny_generator)), output_dir=str(root / "data"),
                                    num_inference_steps=3, shard_size=4)
         spy = Spy()
         batches = make_trainer(root, precision, callbacks=[spy]).predict(model, data)
@@ -363,7 +364,7 @@ def test_generation_resume_at_another_precision_is_refused(tiny_generator, fmnis
 
     def run(precision: str) -> None:
         data = GenerationRequestsDataModule(source_data=_source(fmnist_fixture), batch_size=4, images_per_class=1)
-        model = DiffusionGenerator(PretrainedGenerator(str(tiny_generator)), output_dir=str(tmp_path / "out"),
+        model = GenerationSystem(PretrainedGenerator(str(tiny_generator)), output_dir=str(tmp_path / "out"),
                                    num_inference_steps=2, shard_size=8)
         L.Trainer(accelerator="cpu", devices=1, precision=precision, logger=False,
                   enable_progress_bar=False).predict(model, data, return_predictions=False)

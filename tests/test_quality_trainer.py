@@ -11,8 +11,8 @@ from lbgen.components.distortions import DISTORTIONS, distort, distort_each, dis
 from lbgen.datamodules import FashionMNISTDataModule
 from lbgen.losses import QualityLoss
 from lbgen.losses.quality import QUALITY_CONFIG_FILE, QUALITY_WEIGHTS_FILE
-from lbgen.models import QualityTrainer
-from lbgen.models.quality_trainer import pairwise_ranking_loss
+from lbgen.models import QualitySystem
+from lbgen.models.quality import pairwise_ranking_loss
 
 
 def test_distortions_are_graded_seeded_and_level_zero_is_clean():
@@ -39,20 +39,24 @@ def test_pairwise_ranking_loss():
     wrong = pairwise_ranking_loss(torch.tensor([0.0, 0.5, 1.0]), levels, margin=0.1)
     assert wrong.item() == pytest.approx((0.6 + 1.1 + 0.6) / 3)
     # equal levels are not compared
-    assert pairwise_ranking_loss(torch.tensor([0.0, 9.0]), torch.tensor([1, 1]).repeat(1), 0.1).isnan()
+    assert pairwise_ranking_loss(torch.tensor([0.0, 9.0]), torch.tensor([1, 1]), 0.1).isnan()
 
 
-def make_system(tmp_path, **kwargs) -> QualityTrainer:
+def make_system(tmp_path, **kwargs) -> QualitySystem:
     torch.manual_seed(0)
     quality = QualityLoss("cnniqa", metric_kwargs={"pretrained": None, "n_kers": 16, "n1_nodes": 64,
                                                    "n2_nodes": 64})
-    return QualityTrainer(quality, output_dir=str(tmp_path / "quality"), **kwargs)
+    return QualitySystem(quality, output_dir=str(tmp_path / "quality"), **kwargs)
 
 
-def test_every_trainable_parameter_gets_a_gradient(tmp_path):
+def test_every_trainable_parameter_gets_a_gradient(tmp_path, monkeypatch):
     system = make_system(tmp_path)
     batch = {"image": torch.rand(8, 3, 16, 16), "label": torch.zeros(8, dtype=torch.long)}
-    system.training_step(batch, 0).backward()
+    training_loss, returned = system.training_loss, []
+    monkeypatch.setattr(system, "training_loss", lambda *args: returned.append(training_loss(*args)) or returned[-1])
+    loss = system.training_step(batch, 0)
+    assert loss is returned[0][0] and set(returned[0][1]) == {"ranking"}  # the step trains on training_loss's total
+    loss.backward()
     trainable = {n: p for n, p in system.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("quality.metric.net.") for n in trainable)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values())
@@ -99,7 +103,7 @@ def test_bad_arguments_are_reported(tmp_path):
 def test_spearman_matches_scipy_on_large_tied_samples():
     from scipy.stats import spearmanr
 
-    from lbgen.models.quality_trainer import Spearman
+    from lbgen.models.quality import Spearman
 
     torch.manual_seed(0)
     levels = torch.randint(5, (200_000,)).float()  # the size of this system's test set, 5 tied target values

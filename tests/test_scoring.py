@@ -12,11 +12,10 @@ import yaml
 from lbgen.cli import cli_main
 from lbgen.datamodules import SyntheticDataModule, read_manifest
 from lbgen.evaluation import label_consistency
-from lbgen.models import ImageClassifier
+from lbgen.models import ClassifierSystem
 from lbgen.models.scoring import CONSISTENCY_FILE, VIEW_DIR, filter_view
 
-from .conftest import REPO
-from .test_cli_and_configs import load_recipe, recipe_paths, shrink  # noqa: F401 (fixture)
+from .conftest import REPO, load_recipe, shrink
 
 NAMES = ["a", "b"]
 
@@ -40,7 +39,7 @@ def test_filter_rules():
 
 
 @pytest.mark.slow
-def test_scoring_writes_consistency_scores_and_a_view_the_datamodule_reads(recipe_paths, tmp_path):  # noqa: F811
+def test_scoring_writes_consistency_scores_and_a_view_the_datamodule_reads(recipe_paths, tmp_path):
     folder = tmp_path / "syn"
     shutil.copytree(recipe_paths["synthetic"], folder)
     tree = shrink(load_recipe(REPO / "configs/evaluate/score_synthetic.yaml"), {**recipe_paths, "out": tmp_path})
@@ -55,7 +54,7 @@ def test_scoring_writes_consistency_scores_and_a_view_the_datamodule_reads(recip
     assert len(records) == 20 and all({"oracle_label", "oracle_agrees", "oracle_prob", "clip_prob"} <= set(
         r["scores"]) for r in records)
     report = json.loads((folder / CONSISTENCY_FILE).read_text())
-    oracle = ImageClassifier.load_from_checkpoint(recipe_paths["oracle"], map_location="cpu", weights_only=True)
+    oracle = ClassifierSystem.load_from_checkpoint(recipe_paths["oracle"], map_location="cpu", weights_only=True)
     expected = label_consistency(oracle, folder, image_size=16)  # the Python API, on the same images
     assert report["overall"] == pytest.approx(expected["overall"]) and report["n"] == 20
     assert [r["scores"]["oracle_label"] for r in records] == expected["predictions"]
@@ -75,9 +74,9 @@ def test_scoring_writes_consistency_scores_and_a_view_the_datamodule_reads(recip
 
 
 def test_scorer_refuses_nothing_to_score():
-    from lbgen.models import SyntheticScorer
+    from lbgen.models import ScoringSystem
 
     with pytest.raises(ValueError, match="Nothing to score"):
-        SyntheticScorer()
+        ScoringSystem()
     with pytest.raises(ValueError, match="needs a CLIP judge"):
-        SyntheticScorer(oracle_checkpoint="x.ckpt", filter_mode="global")
+        ScoringSystem(oracle_checkpoint="x.ckpt", filter_mode="global")

@@ -3,7 +3,6 @@
 from lbgen.attributes.bank import (
     DEFAULT_CAPTION,
     AttributeBank,
-    attribute_caption,
     mentions_class,
     scrub_class_names,
 )
@@ -11,4 +10,4 @@ from lbgen.attributes.captioner import CaptionerAttributeExtractor
 from lbgen.attributes.extractors import AttributeExtractor, ClipAttributeExtractor
 
 __all__ = ["DEFAULT_CAPTION", "AttributeBank", "AttributeExtractor", "CaptionerAttributeExtractor",
-           "ClipAttributeExtractor", "attribute_caption", "mentions_class", "scrub_class_names"]
+           "ClipAttributeExtractor", "mentions_class", "scrub_class_names"]

@@ -22,7 +22,7 @@ ATTRIBUTE_KEYS = ("background", "pose")
 DEFAULT_CAPTION = "a {descriptor} photo of a {class} in the {background} background with the {pose} pose"
 """BOB's fine-tuning caption (METHODS.md)."""
 MAX_ATTRIBUTE_CHARS = 200
-Sampling = Literal["none", "bob", "conditioned"]
+AttributeMode = Literal["none", "bob", "conditioned"]
 
 
 def class_name_parts(class_names: list[str]) -> list[str]:
@@ -60,21 +60,6 @@ def check_vocabulary(words: list[str], class_names: list[str], what: str) -> Non
     if leaks:
         raise ValueError(f"The {what} vocabulary names classes {leaks}: attributes must be class-agnostic; "
                          "reword or remove these entries.")
-
-
-def attribute_caption(template: str, class_name: str, background: str | None = None, pose: str | None = None,
-                      descriptor: str = "", superclass: str | None = None) -> str:
-    """Fill a caption template: ``{class}``, ``{superclass}``, ``{descriptor}``, ``{background}``, ``{pose}``."""
-    fields = {"class": class_name, "superclass": superclass or "", "descriptor": descriptor}
-    for key, value in (("background", background), ("pose", pose)):
-        if "{" + key + "}" in template and value is None:
-            raise ValueError(f"Caption template {template!r} needs a {key} but none was given (attribute bank?).")
-        fields[key] = value or ""
-    try:
-        return template.format(**fields)
-    except (KeyError, IndexError) as err:
-        raise ValueError(f"Caption template {template!r} has an unknown field {err}; use {{class}}, {{superclass}}, "
-                         "{descriptor}, {background}, {pose}.") from None
 
 
 def template_uses_attributes(template: str) -> bool:
@@ -150,19 +135,19 @@ class AttributeBank:
             raise KeyError(f"The attribute bank has no record for sample {sample_id!r}; extract attributes for "
                            "this split (same dataset and split_seed) or pass the matching bank.") from None
 
-    def draw(self, rng: np.random.Generator, class_index: int, sampling: Sampling) -> dict[str, Any] | None:
+    def draw(self, rng: np.random.Generator, class_index: int, mode: AttributeMode) -> dict[str, Any] | None:
         """One record: ``bob`` from all images whatever the class, ``conditioned`` from the class's own images."""
-        if sampling == "none":
+        if mode == "none":
             return None
-        if sampling == "bob":
+        if mode == "bob":
             return self.records[int(rng.integers(len(self.records)))]
-        if sampling == "conditioned":
+        if mode == "conditioned":
             rows = self._by_class.get(class_index)
             if rows is None or not len(rows):
                 raise ValueError(f"The attribute bank has no image of class {class_index} "
-                                 f"({self.class_names[class_index]!r}) to condition on; use sampling 'bob'.")
+                                 f"({self.class_names[class_index]!r}) to condition on; use attribute_mode 'bob'.")
             return self.records[int(rows[int(rng.integers(len(rows)))])]
-        raise ValueError(f"Unknown attribute sampling {sampling!r}; choose 'none', 'bob' or 'conditioned'.")
+        raise ValueError(f"Unknown attribute_mode {mode!r}; choose 'none', 'bob' or 'conditioned'.")
 
     def digest(self) -> str:
         """SHA-256 of the records: a resumed generation must draw from the same bank."""

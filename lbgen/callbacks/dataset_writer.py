@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import queue
-import tarfile
 import threading
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,29 +13,21 @@ import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from PIL import Image
 
-from lbgen.storage.files import atomic_write
-
-RUN_FILE, MANIFEST_FILE, SHARD_DIR = "run.json", "manifest.jsonl", "shards"
-INTERNAL_KEYS = ("source_position",)
-
-
-def png_bytes(image_chw) -> bytes:
-    """Encode a uint8 ``[3, H, W]`` tensor as PNG (deterministic bytes)."""
-    buffer = io.BytesIO()
-    Image.fromarray(image_chw.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def complete_shards(folder: Path) -> list[Path]:
-    """Shards whose index file exists: the index is renamed into place last, so these are whole."""
-    return sorted(p for p in (folder / SHARD_DIR).glob("*.tar") if p.with_suffix(".jsonl").is_file())
-
-
-def read_index(shard: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in shard.with_suffix(".jsonl").read_text().splitlines() if line]
-
+from lbgen.storage.dataset_format import (
+    INTERNAL_KEYS,
+    RUN_FILE,
+    SHARD_DIR,
+    complete_shards,
+    new_shard_tag,
+    png_bytes,
+    read_index,
+    remove_partial_shards,
+    shard_name,
+    write_manifest,
+    write_run,
+    write_shard,
+)
 
 _STOP = object()
 
@@ -103,7 +91,7 @@ class BackgroundWorker:
 
 
 class SyntheticDatasetWriter(BasePredictionWriter):
-    """Write generated images into ``output_dir/shards/*.tar`` (``<id>.png`` + ``<id>.json``) and a manifest.
+    """Write generated images into ``output_dir/shards/*.tar`` (``<id>.json`` + ``<id>.png``) and a manifest.
 
     Each process writes its own shards; a shard is renamed into place, then its index (``.jsonl``) — a shard
     without an index is partial and is removed on the next run. On a rerun, requests already in complete shards
@@ -139,8 +127,7 @@ class SyntheticDatasetWriter(BasePredictionWriter):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "predict":
             return
-        shards = self.output_dir / SHARD_DIR
-        shards.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
         datamodule = trainer.datamodule
         run = {"requests": datamodule.describe() if hasattr(datamodule, "describe") else None,
                **self.generator_record}
@@ -156,19 +143,15 @@ class SyntheticDatasetWriter(BasePredictionWriter):
                                  f"{changed}). Use another output_dir, or the original settings to resume.")
         trainer.strategy.barrier()
         if trainer.is_global_zero:
-            atomic_write(run_file, json.dumps(run, indent=1).encode())
-            for partial in shards.glob("*.tmp"):
-                partial.unlink()
-            for orphan in shards.glob("*.tar"):
-                if not orphan.with_suffix(".jsonl").is_file():
-                    orphan.unlink()  # crashed between the two renames: redo it
+            write_run(self.output_dir, run)
+            remove_partial_shards(self.output_dir)
         trainer.strategy.barrier()
         self._done = {record["id"] for shard in complete_shards(self.output_dir) for record in read_index(shard)}
         if self._done:
             rank_zero_info(f"Resuming generation in {self.output_dir}: {len(self._done)} images already done.")
         if hasattr(datamodule, "skip"):
             datamodule.skip(self._done)
-        self._tag = f"{uuid.uuid4().hex[:8]}-r{trainer.global_rank:03d}"
+        self._tag = new_shard_tag(trainer.global_rank)
 
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
                            batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -210,20 +193,7 @@ class SyntheticDatasetWriter(BasePredictionWriter):
     def _flush(self) -> None:
         if not self._buffer:
             return
-        shards = self.output_dir / SHARD_DIR
-        name = f"shard-{self._tag}-{self._count:05d}"
-        tmp_tar = shards / f"{name}.tar.tmp"
-        with tarfile.open(tmp_tar, "w") as tar:
-            for png, record in self._buffer:
-                for suffix, data in ((".png", png), (".json", json.dumps(record, sort_keys=True).encode())):
-                    info = tarfile.TarInfo(record["id"] + suffix)
-                    info.size, info.mtime, info.mode = len(data), 0, 0o644
-                    tar.addfile(info, io.BytesIO(data))
-        with open(tmp_tar, "rb+") as f:
-            os.fsync(f.fileno())
-        tmp_tar.replace(shards / f"{name}.tar")
-        index = "".join(json.dumps({**r, "shard": f"{name}.tar"}, sort_keys=True) + "\n" for _, r in self._buffer)
-        atomic_write(shards / f"{name}.jsonl", index.encode())
+        write_shard(self.output_dir / SHARD_DIR / shard_name(self._tag, self._count), self._buffer)
         self._done.update(r["id"] for _, r in self._buffer)
         self._buffer, self._count = [], self._count + 1
 
@@ -238,8 +208,7 @@ class SyntheticDatasetWriter(BasePredictionWriter):
             ids = [r["id"] for r in records]
             if len(ids) != len(set(ids)):
                 raise RuntimeError(f"Duplicate images in {self.output_dir}: the shards overlap.")
-            data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()
-            atomic_write(self.output_dir / MANIFEST_FILE, data)
+            write_manifest(self.output_dir, records)
             rank_zero_info(f"Synthetic dataset: {len(records)} images in {self.output_dir}")
         trainer.strategy.barrier()
 

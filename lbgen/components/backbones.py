@@ -22,7 +22,7 @@ class TimmBackbone(nn.Module):
         model_name: any ``timm.list_models()`` name, e.g. ``resnet18``, ``test_resnet``, ``vit_small_patch16_224``.
         pretrained: load timm's pretrained weights (needs the model hub or its cache).
         checkpoint_path: weights to load after creation: a ``.safetensors`` / torch state dict of this backbone or of
-            its timm model, or a Lightning checkpoint of an ``ImageClassifier`` (its ``backbone.`` weights are used).
+            its timm model, or a Lightning checkpoint of an ``ClassifierSystem`` (its ``backbone.`` weights are used).
             This is how a backbone pre-trained on synthetic data is transferred.
         model_kwargs: extra keyword arguments for ``timm.create_model`` (e.g. ``img_size``, ``drop_path_rate``).
     """

@@ -77,3 +77,9 @@ class ClipScorer(nn.Module):
                 tokens = self.tokenizer(list(texts)).to(self.mean.device)
                 self._text_cache[key] = self.model.encode_text(tokens, normalize=True).float()
         return self._text_cache[key].to(self.mean.device)
+
+    def class_probabilities(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """Zero-shot probabilities ``[B, len(texts)]`` of images in [0, 1]: the softmax of CLIP's scaled cosine
+        similarities to the texts (one per class, e.g. "a photo of a {class}")."""
+        scale = self.model.logit_scale.exp().float() if hasattr(self.model, "logit_scale") else 100.0
+        return (scale * self.encode_images(images).float() @ self.encode_texts(texts).T).softmax(-1)

@@ -12,13 +12,12 @@ import gzip
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from lbgen.components.lora import load_lora
+from lbgen.components.sampling import SAMPLERS
 from lbgen.storage.files import looks_local, read_json
-
-SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 
 
 @functools.lru_cache(maxsize=2)
@@ -44,6 +43,17 @@ def build_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=model_max_length)
 
 
+def build_vae(image_size: int, block_out_channels: tuple[int, ...], latent_channels: int = 4,
+              layers_per_block: int = 1, norm_num_groups: int | None = None) -> AutoencoderKL:
+    """A randomly initialised SD-style ``AutoencoderKL``: it downsamples by ``2 ** (len(block_out_channels) - 1)``;
+    group norms of ``min(32, *block_out_channels)`` groups unless given."""
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=tuple(block_out_channels), latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(block_out_channels), layers_per_block=layers_per_block,
+        norm_num_groups=norm_num_groups or min(32, *block_out_channels), sample_size=image_size)
+
+
 def build_generator(
     image_size: int = 32,
     vae_channels: tuple[int, ...] = (32, 64),
@@ -65,8 +75,8 @@ def build_generator(
     The VAE downsamples by ``2 ** (len(vae_channels) - 1)``; the text encoder's width equals
     ``cross_attention_dim`` as in SD. Cross-attention sits in every UNet block but the first down / last up one.
     """
-    if scheduler not in SCHEDULERS:
-        raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}, got {scheduler!r}.")
+    if scheduler not in SAMPLERS:
+        raise ValueError(f"scheduler must be one of {sorted(SAMPLERS)}, got {scheduler!r}.")
     factor = 2 ** (len(vae_channels) - 1)
     if image_size % (factor * 2 ** (len(unet_channels) - 1)):
         raise ValueError(f"image_size {image_size} must be divisible by the VAE factor {factor} times the UNet's "
@@ -79,18 +89,14 @@ def build_generator(
         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(unet_channels) - 1),
         up_block_types=("CrossAttnUpBlock2D",) * (len(unet_channels) - 1) + ("UpBlock2D",),
         cross_attention_dim=cross_attention_dim, attention_head_dim=attention_head_dim)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=tuple(vae_channels), latent_channels=latent_channels,
-        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(vae_channels), layers_per_block=layers_per_block,
-        norm_num_groups=groups, sample_size=image_size)
+    vae = build_vae(image_size, vae_channels, latent_channels, layers_per_block, groups)
     tokenizer = build_clip_tokenizer(max_prompt_length)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=cross_attention_dim, projection_dim=cross_attention_dim,
         intermediate_size=text_intermediate or 2 * cross_attention_dim, num_hidden_layers=text_layers,
         num_attention_heads=text_heads, max_position_embeddings=max_prompt_length,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    noise_scheduler = SCHEDULERS[scheduler](
+    noise_scheduler = SAMPLERS[scheduler](
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
         prediction_type=prediction_type, **({"set_alpha_to_one": False, "steps_offset": 1} if scheduler == "ddim"
                                             else {}))
@@ -103,8 +109,8 @@ def _check_pipeline_folder(path: Path, trust_remote_code: bool) -> None:
     """Refuse a local folder that is not a diffusers pipeline, or that would run its own code unasked."""
     if not path.exists():
         raise FileNotFoundError(f"Generator folder {path} does not exist. Run the stage that writes it (e.g. `lbgen "
-                                "fit -c configs/generator/fashion_pretrain.yaml`) or fix `model:`; a hub id looks like "
-                                "'namespace/name'.")
+                                "fit -c configs/foundation/fashion_generator.yaml`) or fix `model:`; a hub id looks "
+                                "like 'namespace/name'.")
     index_file = path / "model_index.json"
     if not path.is_dir() or not index_file.is_file():
         raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json). Pass a folder "
@@ -206,29 +212,41 @@ class PretrainedGenerator(GeneratorSource):
 class NewGenerator(GeneratorSource):
     """A randomly initialised small generator (``build_generator``), optionally with a trained VAE folder.
 
+    Every argument but ``vae`` is ``build_generator``'s, with its default (a test keeps the two signatures equal).
+
     Args:
         vae: folder of a trained ``AutoencoderKL`` (``save_pretrained``) that replaces the random one.
-        **kwargs: sizes, see ``build_generator``.
+        image_size: output side in pixels.
+        vae_channels: VAE block widths (the VAE downsamples by ``2 ** (len - 1)``).
+        latent_channels: latent channels.
+        unet_channels: UNet block widths.
+        layers_per_block: ResNet layers per UNet / VAE block.
+        cross_attention_dim: text-encoder width = UNet cross-attention width.
+        attention_head_dim: UNet attention head width.
+        text_layers: text-encoder layers.
+        text_heads: text-encoder attention heads.
+        text_intermediate: text-encoder MLP width (default twice its width).
+        max_prompt_length: tokens per prompt.
+        scheduler: ``ddim`` or ``ddpm``.
+        prediction_type: ``epsilon`` or ``v_prediction``.
+        seed: seed of the random initialisation.
     """
 
     def __init__(self, vae: str | None = None, image_size: int = 32, vae_channels: tuple[int, ...] = (32, 64),
                  latent_channels: int = 4, unet_channels: tuple[int, ...] = (32, 64), layers_per_block: int = 1,
                  cross_attention_dim: int = 32, attention_head_dim: int = 8, text_layers: int = 2,
-                 text_heads: int = 4, max_prompt_length: int = 77, scheduler: str = "ddim",
-                 prediction_type: str = "epsilon", seed: int = 0) -> None:
+                 text_heads: int = 4, text_intermediate: int | None = None, max_prompt_length: int = 77,
+                 scheduler: str = "ddim", prediction_type: str = "epsilon", seed: int = 0) -> None:
+        # the arguments, as given, for build_generator (locals() holds exactly them here: first statement)
+        self.kwargs = {name: value for name, value in locals().items() if name not in ("self", "vae")}
         self.vae = vae
-        self.kwargs = dict(image_size=image_size, vae_channels=tuple(vae_channels), latent_channels=latent_channels,
-                           unet_channels=tuple(unet_channels), layers_per_block=layers_per_block,
-                           cross_attention_dim=cross_attention_dim, attention_head_dim=attention_head_dim,
-                           text_layers=text_layers, text_heads=text_heads, max_prompt_length=max_prompt_length,
-                           scheduler=scheduler, prediction_type=prediction_type, seed=seed)
 
     def __call__(self) -> StableDiffusionPipeline:
         pipe = build_generator(**self.kwargs)
         if self.vae:
             if not (Path(self.vae) / "config.json").is_file():
                 raise FileNotFoundError(f"{self.vae} is not an AutoencoderKL folder (no config.json): train one with "
-                                        "`lbgen fit -c configs/generator/fashion_vae.yaml`, or fix `vae:`.")
+                                        "`lbgen fit -c configs/foundation/fashion_vae.yaml`, or fix `vae:`.")
             vae = AutoencoderKL.from_pretrained(self.vae, local_files_only=True)
             if vae.config.latent_channels != pipe.unet.config.in_channels:
                 raise ValueError(f"The VAE in {self.vae} has {vae.config.latent_channels} latent channels, the UNet "

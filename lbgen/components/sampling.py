@@ -8,6 +8,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+"""The diffusers schedulers lbgen builds by name: for a new generator, and for lbGen's training-time sampler."""
 
 
 def make_sampler(name: str, config: dict) -> SchedulerMixin:
@@ -20,7 +21,7 @@ def make_sampler(name: str, config: dict) -> SchedulerMixin:
 def sample_latents(unet: nn.Module, scheduler: SchedulerMixin, latents: torch.Tensor, cond: torch.Tensor,
                    uncond: torch.Tensor | None, guidance_scale: float, num_steps: int, grad_steps: int,
                    checkpointing: bool = False,
-                   generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+                   rng: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
     """Denoise ``latents`` (already scaled by ``init_noise_sigma``) in ``num_steps`` steps with classifier-free
     guidance; autograd records only the last ``grad_steps`` UNet calls, so memory grows with K, not with steps.
 
@@ -34,7 +35,7 @@ def sample_latents(unet: nn.Module, scheduler: SchedulerMixin, latents: torch.Te
         num_steps: sampler steps.
         grad_steps: K, the last steps with gradients (0: none).
         checkpointing: recompute each graded UNet call in backward instead of storing its activations.
-        generator: randomness of stochastic samplers (DDPM); a list: one per image.
+        rng: randomness of stochastic samplers (DDPM); a list: one per image.
     """
     if not 0 <= grad_steps <= num_steps:
         raise ValueError(f"grad_steps must be in [0, num_steps={num_steps}], got {grad_steps}.")
@@ -59,5 +60,5 @@ def sample_latents(unet: nn.Module, scheduler: SchedulerMixin, latents: torch.Te
             if guided:
                 eps_uncond, eps_cond = eps.chunk(2)
                 eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-            latents = scheduler.step(eps, t, latents, generator=generator).prev_sample
+            latents = scheduler.step(eps, t, latents, generator=rng).prev_sample
     return latents

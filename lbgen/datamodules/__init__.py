@@ -8,10 +8,11 @@ from lbgen.datamodules.episodes import EpisodeDataModule
 from lbgen.datamodules.fashion_mnist import CLASS_NAMES as FASHION_MNIST_CLASSES
 from lbgen.datamodules.fashion_mnist import FashionMNISTDataModule
 from lbgen.datamodules.image_folder import BadImageError, ImageFolderDataModule
-from lbgen.datamodules.requests import GenerationRequestsDataModule, request_seed
-from lbgen.datamodules.sampling import KeyedDataset, SeededDistributedSampler
+from lbgen.datamodules.order import KeyedDataset, SeededDistributedSampler
+from lbgen.datamodules.requests import GenerationRequestsDataModule
 from lbgen.datamodules.splits import Split, long_tail_counts, make_split
-from lbgen.datamodules.synthetic import MixedDataModule, SyntheticDataModule, read_manifest
+from lbgen.datamodules.synthetic import MixedDataModule, SyntheticDataModule
+from lbgen.storage.dataset_format import read_manifest, request_seed
 
 __all__ = ["REAL", "SYNTHETIC", "FASHION_MNIST_CLASSES", "AttributeCaptionedDataModule", "BadImageError",
            "ClassNamesDataModule", "ClassificationDataset", "ContextualFashionMNISTDataModule", "EpisodeDataModule",

@@ -6,7 +6,7 @@ import json
 import os
 from abc import abstractmethod
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import lightning as L
 import numpy as np
@@ -15,9 +15,10 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from lbgen.components.randomness import derive_seed
-from lbgen.datamodules.sampling import KeyedDataset, SeededDistributedSampler, world
+from lbgen.datamodules.order import KeyedDataset, SeededDistributedSampler, world
 from lbgen.datamodules.splits import Split, make_split
 from lbgen.datamodules.transforms import Augmentation, BatchMix, MixCollate, augmentation_preset, eval_transform
+from lbgen.distributed import run_directory
 from lbgen.storage.files import atomic_write_json
 
 REAL, SYNTHETIC = 0, 1
@@ -34,6 +35,22 @@ class ImageSource(Protocol):
     def load(self, position: int) -> torch.Tensor: ...
 
     def sample_id(self, position: int) -> str: ...
+
+
+@runtime_checkable
+class ClassNamed(Protocol):
+    """The part of the DataModule contract every lbgen DataModule keeps (real, synthetic, mixed, captioned, class
+    names, generation requests, episodes): systems take their class names from it when they were not linked."""
+
+    @property
+    def class_names(self) -> list[str]: ...
+
+
+def class_names_of(trainer: L.Trainer | None) -> list[str] | None:
+    """The class names of the trainer's DataModule, None without one (or for a DataModule that is not ``ClassNamed``:
+    a system then needs them linked or given)."""
+    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+    return list(datamodule.class_names) if isinstance(datamodule, ClassNamed) else None
 
 
 class TensorImageSource:
@@ -242,11 +259,13 @@ class ImageClassificationDataModule(L.LightningDataModule):
             self.test_dataset = ClassificationDataset(test_images, np.arange(len(test_labels)), test_labels,
                                                       eval_transform())
         trainer = self.trainer
-        log_dir = trainer.log_dir if trainer is not None else None  # a collective under DDP: every process asks
-        if trainer is not None and trainer.is_global_zero and log_dir and not trainer.fast_dev_run:
-            self.save_split(log_dir)
+        run_dir = run_directory(trainer)  # every process asks, rank 0 writes
+        if trainer is not None and trainer.is_global_zero and run_dir and not trainer.fast_dev_run:
+            self.save_split(run_dir)
 
-    def _loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
+    def loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
+        """A loader of ``dataset`` (samples of this DataModule, or a wrapper of them such as captioned samples) as
+        this DataModule loads its own: training order seeded and split by process, evaluation every sample once."""
         collate = (MixCollate(self.batch_mix, self.num_classes, self.mix_alpha)
                    if train and self.batch_mix != "none" else default_collate)
         sampler: DistributedSampler | None = None
@@ -264,18 +283,23 @@ class ImageClassificationDataModule(L.LightningDataModule):
                           persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, train=True)
+        return self.loader(self.train_dataset, train=True)
 
     def val_dataloader(self) -> DataLoader | list:
         # No hold-out (val_per_class=0): Lightning skips validation on an empty list.
-        return self._loader(self.val_dataset, train=False) if len(self.val_dataset) else []
+        return self.loader(self.val_dataset, train=False) if len(self.val_dataset) else []
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, train=False)
+        return self.loader(self.test_dataset, train=False)
 
     def predict_dataloader(self) -> DataLoader:
         dataset = self.test_dataset if self.predict_split == "test" else self.predict_dataset
-        return self._loader(dataset, train=False)
+        return self.loader(dataset, train=False)
+
+    def attribute_phrases(self, split: Literal["train", "val", "test"]) -> list[dict[str, Any]] | None:
+        """The true background and pose of every image of a split as caption words, for DataModules that know them
+        (the contextual benchmark); None: this dataset has no such records (extract them: BOB's attribute bank)."""
+        return None
 
     def predict_source(self) -> ImageSource:
         """The image source ``predict`` batches index into (their ``index`` is a position in it)."""

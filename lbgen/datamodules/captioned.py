@@ -8,7 +8,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lbgen.attributes.bank import DEFAULT_CAPTION, AttributeBank, attribute_caption, template_uses_attributes
+from lbgen.attributes.bank import DEFAULT_CAPTION, AttributeBank, template_uses_attributes
+from lbgen.components.prompts import fill_caption
 from lbgen.components.randomness import derive_seed
 from lbgen.datamodules.base import ClassificationDataset, ImageClassificationDataModule
 
@@ -63,7 +64,7 @@ class AttributeCaptionedDataModule(L.LightningDataModule):
         self.descriptor, self.superclass = descriptor, superclass
         self.plain_template, self.attribute_dropout = plain_template, attribute_dropout
         self.uses_attributes = template_uses_attributes(caption_template)
-        attribute_caption(caption_template, "x", "x", "x", "x")  # fail now on an unknown field
+        fill_caption(caption_template, "x", "x", "x", "x")  # fail now on an unknown field
         if attribute_bank and not self.uses_attributes:
             raise ValueError(f"attribute_bank is set but caption_template {caption_template!r} uses no {{background}} "
                              "or {pose}: use the BOB template, or drop the bank for plain (DataDream) captions.")
@@ -82,7 +83,7 @@ class AttributeCaptionedDataModule(L.LightningDataModule):
         """Caption of each sample id."""
         names = self.class_names
         if not self.uses_attributes:
-            return {i: attribute_caption(self.caption_template, names[c], superclass=self.superclass)
+            return {i: fill_caption(self.caption_template, names[c], superclass=self.superclass)
                     for i, c in zip(ids, labels, strict=True)}
         by_id = {r["id"]: r for r in records}
         missing = [i for i in ids if i not in by_id]
@@ -90,7 +91,7 @@ class AttributeCaptionedDataModule(L.LightningDataModule):
             raise ValueError(f"The attribute bank has no record for {len(missing)} of the {len(ids)} images, e.g. "
                              f"{missing[:3]}: extract attributes for this dataset and split (same split_seed).")
         descriptor = self.descriptor or (self._bank.descriptor if self._bank else "") or "object"
-        return {i: attribute_caption(self.caption_template, names[c], by_id[i]["background"], by_id[i]["pose"],
+        return {i: fill_caption(self.caption_template, names[c], by_id[i]["background"], by_id[i]["pose"],
                                      descriptor, self.superclass) for i, c in zip(ids, labels, strict=True)}
 
     def setup(self, stage: str) -> None:
@@ -101,12 +102,12 @@ class AttributeCaptionedDataModule(L.LightningDataModule):
         if self.uses_attributes:
             if self._bank is not None:
                 records = self._bank.records
-            elif hasattr(self.data, "attribute_phrases"):
+            elif self.data.attribute_phrases("train") is not None:
                 records = self.data.attribute_phrases("train") + self.data.attribute_phrases("val")
             else:
                 raise ValueError(f"caption_template {self.caption_template!r} needs attributes: set attribute_bank "
                                  f"(write one with `lbgen predict -c configs/bob/attributes.yaml`).")
-        plain = [attribute_caption(self.plain_template, n, superclass=self.superclass) for n in self.class_names]
+        plain = [fill_caption(self.plain_template, n, superclass=self.superclass) for n in self.class_names]
         for name in ("train_dataset", "val_dataset"):
             base = getattr(self.data, name)
             if base is None or getattr(self, name) is not None:
@@ -117,7 +118,7 @@ class AttributeCaptionedDataModule(L.LightningDataModule):
             setattr(self, name, CaptionedDataset(base, self.captions(records, ids, labels), plain, dropout))
 
     def train_dataloader(self) -> DataLoader:
-        return self.data._loader(self.train_dataset, train=True)
+        return self.data.loader(self.train_dataset, train=True)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self.data._loader(self.val_dataset, train=False) if self.val_dataset and len(self.val_dataset) else []
+        return self.data.loader(self.val_dataset, train=False) if self.val_dataset and len(self.val_dataset) else []

@@ -1,4 +1,4 @@
-"""Images for few-shot episodes: real evaluation images and, optionally, a generated dataset (``FewShotEpisodes``)."""
+"""Images for few-shot episodes: real evaluation images and, optionally, a generated dataset (``FewShotSystem``)."""
 
 from __future__ import annotations
 

@@ -15,22 +15,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lbgen.attributes.bank import AttributeBank, Sampling, attribute_caption, template_uses_attributes
+from lbgen.attributes.bank import AttributeBank, AttributeMode, template_uses_attributes
+from lbgen.components.prompts import fill_caption
 from lbgen.datamodules.base import ImageClassificationDataModule
+from lbgen.storage.dataset_format import request_id, request_seed
 from lbgen.storage.files import read_json
 
-Method = Literal["txt2img", "img2img", "img2img_low", "img2img_high", "genie"]
-DEFAULT_STRENGTH = {"txt2img": None, "img2img": 0.5, "img2img_low": 0.3, "img2img_high": 0.7, "genie": 0.8}
-
-
-def request_seed(base_seed: int, class_index: int, index: int) -> int:
-    """A 31-bit seed that depends on (base seed, class, index) only."""
-    return int(np.random.SeedSequence([base_seed, class_index, index]).generate_state(1)[0] >> 1)
-
-
-def request_id(class_index: int, index: int) -> str:
-    """File-safe id of a request (class names are never used in paths: "T-shirt/top" is a real one)."""
-    return f"c{class_index:04d}-i{index:06d}"
+Method = Literal["txt2img", "img2img", "genie"]
+DEFAULT_STRENGTH = {"txt2img": None, "img2img": 0.5, "genie": 0.8}
+"""Each method's noise ratio r when ``strength`` is not given."""
+RETIRED_METHODS = {"img2img_low": 0.3, "img2img_high": 0.7}
+"""Former method names that were strength presets of img2img (manifests written with them still read)."""
 
 
 def top_confused(confusion: np.ndarray, target: int, k: int) -> list[int]:
@@ -71,9 +66,10 @@ class GenerationRequestsDataModule(L.LightningDataModule):
         source_data: the real DataModule whose training split gives img2img / GeNIe sources.
         images_per_class: images per class (> 0).
         classes: generate only these class indices (default: all).
-        method: ``txt2img`` (pure noise), ``img2img`` / ``img2img_low`` / ``img2img_high`` (same-class source),
-            ``genie`` (source from another class, target-class prompt).
-        strength: noise ratio r in (0, 1] for image-conditioned methods (default: the method's preset).
+        method: ``txt2img`` (pure noise), ``img2img`` (same-class source), ``genie`` (source from another class,
+            target-class prompt).
+        strength: noise ratio r in (0, 1] for image-conditioned methods (default: img2img 0.5, GeNIe 0.8; the
+            papers' Img2Img baselines use 0.3 and 0.7).
         base_seed: the seed every request's seed derives from.
         prompt_template: with ``{class}`` and optionally ``{superclass}``.
         superclass: filled into ``{superclass}``.
@@ -82,7 +78,7 @@ class GenerationRequestsDataModule(L.LightningDataModule):
             target in ``confusion_file`` (written by the classifier's ``test``).
         confusion_file: path of ``confusion_matrix.json``.
         top_k: how many most-confused classes to draw sources from.
-        attribute_sampling: BOB's attributes in the prompt: ``none`` (class prompt only), ``bob`` (background and
+        attribute_mode: BOB's attributes in the prompt: ``none`` (class prompt only), ``bob`` (background and
             pose of a real image drawn from the whole bank, independently of the class: marginalisation), or
             ``conditioned`` (drawn among the class's own real images).
         attribute_bank: attribute bank file (``AttributeExtractionSystem``); needed unless ``none``.
@@ -106,13 +102,16 @@ class GenerationRequestsDataModule(L.LightningDataModule):
         genie_sources: Literal["random", "confusion"] = "random",
         confusion_file: str | None = None,
         top_k: int = 3,
-        attribute_sampling: Sampling = "none",
+        attribute_mode: AttributeMode = "none",
         attribute_bank: str | None = None,
         descriptor: str | None = None,
         batch_size: int = 16,
         num_workers: int = 0,
     ) -> None:
         super().__init__()
+        if method in RETIRED_METHODS:
+            raise ValueError(f"method {method!r} is now `method: img2img` with `strength: {RETIRED_METHODS[method]}` "
+                             "(a strength preset, not a method); datasets generated with the old name still read.")
         if method not in DEFAULT_STRENGTH:
             raise ValueError(f"Unknown method {method!r}; choose one of {sorted(DEFAULT_STRENGTH)}.")
         if images_per_class <= 0:
@@ -139,17 +138,17 @@ class GenerationRequestsDataModule(L.LightningDataModule):
             raise ValueError("class_names differ from source_data's classes; leave class_names unset.")
         if genie_sources == "confusion" and not confusion_file:
             raise ValueError("genie_sources='confusion' needs confusion_file (confusion_matrix.json of a test run).")
-        if attribute_sampling not in ("none", "bob", "conditioned"):
-            raise ValueError(f"attribute_sampling must be 'none', 'bob' or 'conditioned', got {attribute_sampling!r}.")
+        if attribute_mode not in ("none", "bob", "conditioned"):
+            raise ValueError(f"attribute_mode must be 'none', 'bob' or 'conditioned', got {attribute_mode!r}.")
         uses_attributes = template_uses_attributes(prompt_template)
-        if attribute_sampling != "none" and not (attribute_bank and uses_attributes):
-            raise ValueError(f"attribute_sampling={attribute_sampling!r} needs attribute_bank and a prompt_template "
+        if attribute_mode != "none" and not (attribute_bank and uses_attributes):
+            raise ValueError(f"attribute_mode={attribute_mode!r} needs attribute_bank and a prompt_template "
                              "with {background} and {pose} (configs/bob/generate.yaml).")
-        if attribute_sampling == "none" and uses_attributes:
-            raise ValueError(f"prompt_template {prompt_template!r} uses attributes: set attribute_sampling to 'bob' or "
+        if attribute_mode == "none" and uses_attributes:
+            raise ValueError(f"prompt_template {prompt_template!r} uses attributes: set attribute_mode to 'bob' or "
                              "'conditioned' (and attribute_bank).")
-        self.bank = AttributeBank.load(attribute_bank, list(class_names)) if attribute_sampling != "none" else None
-        self.attribute_sampling, self.attribute_bank = attribute_sampling, attribute_bank
+        self.bank = AttributeBank.load(attribute_bank, list(class_names)) if attribute_mode != "none" else None
+        self.attribute_mode, self.attribute_bank = attribute_mode, attribute_bank
         self.descriptor = descriptor or (self.bank.descriptor if self.bank else None) or "object"
         self.class_names, self.source_data = list(class_names), source_data
         self.classes = list(range(len(class_names))) if classes is None else list(classes)
@@ -175,7 +174,7 @@ class GenerationRequestsDataModule(L.LightningDataModule):
                 "method": self.method, "strength": self.strength, "base_seed": self.base_seed,
                 "prompt_template": self.prompt_template, "superclass": self.superclass,
                 "negative_prompt": self.negative_prompt, "genie_sources": self.genie_sources,
-                "top_k": self.top_k, "batch_size": self.batch_size, "attribute_sampling": self.attribute_sampling,
+                "top_k": self.top_k, "batch_size": self.batch_size, "attribute_mode": self.attribute_mode,
                 "attribute_bank_sha256": self.bank.digest() if self.bank else None, "descriptor": self.descriptor}
 
     def skip(self, done_ids: set[str]) -> None:
@@ -231,13 +230,13 @@ class GenerationRequestsDataModule(L.LightningDataModule):
                     source_position = int(rng.choice(sources[source_class]))
                     source_id = pool.sample_id(source_position)
                 # attributes draw from their own stream: adding them leaves GeNIe / img2img sources unchanged
-                drawn = (self.bank.draw(np.random.default_rng([seed, 1]), c, self.attribute_sampling)
+                drawn = (self.bank.draw(np.random.default_rng([seed, 1]), c, self.attribute_mode)
                          if self.bank is not None else None)
-                prompt = attribute_caption(self.prompt_template, self.class_names[c],
+                prompt = fill_caption(self.prompt_template, self.class_names[c],
                                            drawn["background"] if drawn else None, drawn["pose"] if drawn else None,
                                            self.descriptor, self.superclass)
                 attributes = ({"background": drawn["background"], "pose": drawn["pose"],
-                               "attributes_from": drawn["id"], "attribute_sampling": self.attribute_sampling}
+                               "attributes_from": drawn["id"], "attribute_mode": self.attribute_mode}
                               if drawn else {})
                 out.append({"id": request_id(c, i), "class_index": c, "class_name": self.class_names[c],
                             "index": i, "prompt": prompt, "negative_prompt": self.negative_prompt, "seed": seed,

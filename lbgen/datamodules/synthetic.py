@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
-import re
-import tarfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -15,161 +9,13 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, default_collate
 
-from lbgen.callbacks.dataset_writer import MANIFEST_FILE, RUN_FILE, SHARD_DIR
 from lbgen.datamodules.base import SYNTHETIC, ClassificationDataset, ImageClassificationDataModule, TensorImageSource
-from lbgen.datamodules.requests import request_seed
-from lbgen.datamodules.sampling import KeyedDataset, SeededDistributedSampler
+from lbgen.datamodules.order import KeyedDataset, SeededDistributedSampler
 from lbgen.datamodules.transforms import augmentation_preset, eval_transform
+from lbgen.storage.dataset_format import RUN_FILE, load_images, read_manifest
 from lbgen.storage.files import read_json
-
-_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-"""What a record's ``id`` and ``shard`` must look like: they become file names, so no separators, no ``..``."""
-
-
-def _check_record(record: Any, where: str, run: dict[str, Any], shards: Path, existing: set[str]) -> None:
-    """Refuse a record of the wrong shape, with unsafe file names, or from a run other than ``run.json``'s."""
-    if not isinstance(record, dict):
-        raise ValueError(f"{where} is a {type(record).__name__}, not a record; regenerate the dataset.")
-    required = {"id", "class_index", "shard", "seed", "prompt", "method"}
-    if not required <= set(record):
-        raise ValueError(f"{where} (id {record.get('id')!r}) lacks {sorted(required - set(record))}; the manifest "
-                         "was not written by lbgen's generation stage: regenerate the dataset.")
-    for key in ("id", "shard"):
-        value = record[key]
-        if not isinstance(value, str) or not _PLAIN_NAME.fullmatch(value) or ".." in value:
-            raise ValueError(f"{where}: {key} {value!r} is not a plain file name (it is used as one inside the "
-                             "dataset folder); the manifest is damaged or not lbgen's: regenerate the dataset.")
-    c = record["class_index"]
-    if not isinstance(c, int) or isinstance(c, bool) or c < 0:
-        raise ValueError(f"{where}: class_index {c!r} is not a non-negative integer; regenerate the dataset.")
-    if record["shard"] not in existing:
-        raise ValueError(f"{where}: its shard {shards / record['shard']} is missing: the manifest is from another "
-                         "run, or the shards were not copied. Keep the whole dataset folder (run.json, manifest.jsonl "
-                         "and shards/) together, or rerun the same `lbgen predict` command to finish the run.")
-    requests = run.get("requests") if isinstance(run.get("requests"), dict) else {}
-    names = requests.get("class_names")
-    differences = [key for key, value in run.items() if key != "requests" and key in record and record[key] != value]
-    if isinstance(names, list):
-        if c >= len(names):
-            differences.append(f"class_index {c} (run.json has {len(names)} classes)")
-        elif "class_name" in record and record["class_name"] != names[c]:
-            differences.append(f"class_name {record['class_name']!r} (run.json: {names[c]!r})")
-    differences += [key for key in ("method", "strength") if key in requests and record.get(key) != requests[key]]
-    derivable = "base_seed" in requests and isinstance(record.get("index"), int) and c < len(names or [])
-    if derivable and record["seed"] != request_seed(requests["base_seed"], c, record["index"]):
-        differences.append("seed (not derived from run.json's base_seed)")
-    if differences:
-        raise ValueError(f"{where} (id {record['id']!r}) does not belong to the run described in "
-                         f"{shards.parent / RUN_FILE}: it differs in {differences}. The manifest is from another run; "
-                         "keep each dataset folder's run.json, manifest.jsonl and shards/ together, or regenerate.")
-
-
-def read_manifest(folder: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The run description and the per-image records of a generated dataset, validated.
-
-    Raises:
-        FileNotFoundError: ``folder`` is not a finished generation run.
-        ValueError: a file is damaged, a record is malformed or unsafe, or the manifest belongs to another run.
-    """
-    folder = Path(folder)
-    if not (folder / MANIFEST_FILE).is_file() or not (folder / RUN_FILE).is_file():
-        raise FileNotFoundError(f"{folder} is not a finished lbgen generation run (no {MANIFEST_FILE} / "
-                                f"{RUN_FILE}); run or resume `lbgen predict` into it first.")
-    run = read_json(folder / RUN_FILE, "the run description is damaged; regenerate the dataset, or resume the "
-                                       "`lbgen predict` run that writes it.")
-    if not isinstance(run, dict):
-        raise ValueError(f"{folder / RUN_FILE} holds a {type(run).__name__}, not a run description; regenerate.")
-    requests = run.get("requests")
-    names = requests.get("class_names") if isinstance(requests, dict) else None
-    if names is not None:
-        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
-            raise ValueError(f"{folder / RUN_FILE}: requests.class_names must be a list of non-empty names, got "
-                             f"{names!r}; regenerate the dataset.")
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"{folder / RUN_FILE} names classes {duplicates} more than once; every class needs a "
-                             "distinct name: regenerate with distinct class_names.")
-    records, seen = [], set()
-    existing = {p.name for p in (folder / SHARD_DIR).glob("*.tar") if p.is_file()}
-    for number, line in enumerate((folder / MANIFEST_FILE).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{folder / MANIFEST_FILE}, line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where} is not valid JSON ({err}): the manifest is damaged; rerun the same "
-                             "`lbgen predict` command to rewrite it from the shards.") from None
-        _check_record(record, where, run, folder / SHARD_DIR, existing)
-        if record["id"] in seen:
-            raise ValueError(f"{where}: image {record['id']!r} appears twice; the manifest is damaged: rerun the "
-                             "same `lbgen predict` command to rewrite it from the shards.")
-        seen.add(record["id"])
-        records.append(record)
-    return run, records
-
-
-def load_images(folder: str | Path, records: list[dict[str, Any]], image_size: int,
-                threads: int | None = None) -> torch.Tensor:
-    """Decode every record's PNG once from the shards into a uint8 tensor ``[N, 3, S, S]``.
-
-    Each shard is read in one sequential pass (``TarFile.extractfile(name)`` would search the member list once per
-    image: quadratic in the shard size); its PNGs are decoded by ``threads`` threads (default: torch's intra-op
-    thread count; PIL decodes without the GIL), one shard at a time so that memory stays bounded.
-    """
-    folder = Path(folder)
-    threads = max(1, threads or torch.get_num_threads())
-    wanted: dict[str, dict[str, int]] = {}
-    for i, record in enumerate(records):
-        wanted.setdefault(record["shard"], {})[record["id"] + ".png"] = i
-    out = torch.empty(len(records), 3, image_size, image_size, dtype=torch.uint8)
-
-    def decode_into(i: int, data: bytes, path: Path) -> None:
-        out[i] = decode_png(data, path, records[i]["id"], image_size)
-
-    with ThreadPoolExecutor(threads) if threads > 1 else contextlib.nullcontext() as pool:
-        for shard, positions in wanted.items():
-            path, found, pending = folder / SHARD_DIR / shard, set(), []
-            with tarfile.open(path) as tar:
-                for member in tar:
-                    i = positions.get(member.name)
-                    if i is None or not member.isfile():
-                        continue
-                    data = tar.extractfile(member).read()
-                    if pool is None:
-                        decode_into(i, data, path)
-                    else:
-                        pending.append(pool.submit(decode_into, i, data, path))
-                    found.add(member.name)
-            for job in pending:
-                job.result()  # the first undecodable image, in shard order, is the one reported
-            missing = sorted(positions.keys() - found)
-            if missing:
-                raise ValueError(f"{path} has no image {missing[0]} although the manifest lists it there: the "
-                                 "manifest is from another run or the shard was replaced; regenerate the dataset.")
-    return out
-
-
-def _png_bytes(tar: tarfile.TarFile, shard: Path, image_id: str) -> bytes:
-    try:
-        return tar.extractfile(image_id + ".png").read()
-    except KeyError:
-        raise ValueError(f"{shard} has no image {image_id}.png although the manifest lists it there: the manifest is "
-                         "from another run or the shard was replaced; regenerate the dataset.") from None
-
-
-def decode_png(data: bytes, shard: Path, image_id: str, image_size: int) -> torch.Tensor:
-    """One shard image as a uint8 ``[3, S, S]`` tensor (bicubic resize when generated at another size)."""
-    try:
-        image = Image.open(io.BytesIO(data)).convert("RGB")
-    except OSError as err:
-        raise ValueError(f"{image_id}.png in {shard} cannot be decoded ({err}); regenerate the dataset.") from err
-    if image.size != (image_size, image_size):
-        image = image.resize((image_size, image_size), Image.BICUBIC)
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
 
 
 class SyntheticDataModule(ImageClassificationDataModule):
@@ -182,7 +28,7 @@ class SyntheticDataModule(ImageClassificationDataModule):
             txt2img and GeNIe images together); every run must have the same classes.
         max_per_class: use at most this many images per class and folder (the first by request index, after the
             view).
-        view: read only the images of a filtered view, ``views/<view>.json`` (written by ``SyntheticScorer``,
+        view: read only the images of a filtered view, ``views/<view>.json`` (written by ``ScoringSystem``,
             e.g. ``clip_filtered``), in every folder; None: every generated image.
         **kwargs: loader and augmentation options of ``ImageClassificationDataModule`` (``predict_split: train``
             makes ``lbgen predict`` read every image, as the scorer does).
@@ -361,7 +207,7 @@ class MixedDataModule(L.LightningDataModule):
         if self.synthetic_fraction is not None:
             weights = torch.cat([torch.full((n_real,), (1 - self.synthetic_fraction) / max(n_real, 1)),
                                  torch.full((n_syn,), self.synthetic_fraction / max(n_syn, 1))])
-        # seeded, split by rank, keyed per sample: see lbgen.datamodules.sampling
+        # seeded, split by rank, keyed per sample: see lbgen.datamodules.order
         sampler = SeededDistributedSampler(self.train_dataset, num_samples=self.samples_per_epoch, weights=weights)
         return DataLoader(KeyedDataset(self.train_dataset), batch_size=self.real.batch_size, sampler=sampler,
                           num_workers=self.real.num_workers, collate_fn=default_collate,
@@ -373,45 +219,3 @@ class MixedDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self.real.test_dataloader()
 
-
-MAX_NAME_CHARS = 64
-
-
-def safe_folder_name(class_index: int, name: str) -> str:
-    """A path-safe, unique folder name for a class: its index plus the name with anything unusual replaced.
-
-    Only ASCII letters, digits, ``-`` and ``_`` survive (``/``, ``..``, leading dots, non-ASCII and control characters
-    become ``_``), and the name is cut to ``MAX_NAME_CHARS``; the index keeps names that clean alike apart.
-    """
-    if not isinstance(class_index, int) or class_index < 0:
-        raise ValueError(f"class_index must be a non-negative integer, got {class_index!r}.")
-    cleaned = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "-_") else "_" for ch in str(name))
-    return f"{class_index:04d}_{cleaned[:MAX_NAME_CHARS].strip('_-') or 'class'}"
-
-
-def export_image_folder(folder: str | Path, out: str | Path) -> Path:
-    """Copy a generated dataset into plain files: ``out/<index>_<class>/<id>.png`` + ``out/metadata.jsonl``.
-
-    ``metadata.jsonl`` has one line per image: ``file_name`` (relative to ``out``) and the manifest record.
-    Class names never become raw paths ("T-shirt/top" becomes ``0000_T-shirt_top``, ".." ``0001_class``), and
-    record ids are checked to be plain file names when the manifest is read.
-    """
-    folder, out = Path(folder), Path(out)
-    run, records = read_manifest(folder)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not an empty folder; nothing was written: choose a new folder "
-                              "for the export.")
-    by_shard: dict[str, list[dict[str, Any]]] = {}
-    for record in records:
-        by_shard.setdefault(record["shard"], []).append(record)
-    lines = []
-    for shard, shard_records in by_shard.items():
-        with tarfile.open(folder / SHARD_DIR / shard) as tar:
-            for record in shard_records:
-                relative = Path(safe_folder_name(record["class_index"], record.get("class_name", ""))) / (
-                    record["id"] + ".png")
-                (out / relative).parent.mkdir(parents=True, exist_ok=True)
-                (out / relative).write_bytes(_png_bytes(tar, folder / SHARD_DIR / shard, record["id"]))
-                lines.append(json.dumps({"file_name": relative.as_posix(), **record}, sort_keys=True))
-    (out / "metadata.jsonl").write_text("\n".join(sorted(lines)) + "\n")
-    return out

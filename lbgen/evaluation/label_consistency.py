@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lbgen.datamodules.synthetic import load_images, read_manifest
+from lbgen.storage.dataset_format import load_images, read_manifest
 
 
 @torch.no_grad()
@@ -20,24 +20,44 @@ def oracle_predictions(oracle: nn.Module, images: torch.Tensor, batch_size: int 
     return torch.cat([oracle(chunk.to(device).float() / 255).argmax(-1).cpu() for chunk in images.split(batch_size)])
 
 
+def _mean(values) -> float | None:
+    values = [float(v) for v in values]
+    return sum(values) / len(values) if values else None
+
+
+def setting(record: dict[str, Any]) -> str:
+    """``method@r`` of a generated image; ``method@ada`` for GeNIe-Ada (its r is chosen per image)."""
+    return f"{record['method']}@{'ada' if 'ada_strength' in record else record.get('strength')}"
+
+
+def consistency_report(records: list[dict[str, Any]], class_names: list[str]) -> dict[str, Any]:
+    """Share of images the oracle labels as prompted (``scores.oracle_agrees`` of manifest records): overall, per
+    class, per ``setting``; records without that score are left out."""
+    scored = [r for r in records if "oracle_agrees" in r.get("scores", {})]
+    per_class: dict[str, list[int]] = defaultdict(list)
+    per_setting: dict[str, list[int]] = defaultdict(list)
+    for r in scored:
+        per_class[class_names[r["class_index"]]].append(int(r["scores"]["oracle_agrees"]))
+        per_setting[setting(r)].append(int(r["scores"]["oracle_agrees"]))
+    return {"overall": _mean(int(r["scores"]["oracle_agrees"]) for r in scored), "n": len(scored),
+            "per_class": {k: _mean(v) for k, v in per_class.items()},
+            "per_setting": {k: _mean(v) for k, v in per_setting.items()}}
+
+
 def label_consistency(oracle: nn.Module, folder: str | Path, image_size: int) -> dict[str, Any]:
-    """Agreement of the oracle with the prompted class, overall, per class and per (method, strength).
+    """Agreement of an in-memory oracle with the prompted class of a generated dataset (what ``lbgen predict`` with
+    the scorer writes into ``label_consistency.json``, without writing anything), overall, per class, per setting.
 
     Returns:
-        ``{"overall": float, "per_class": {name: float}, "per_setting": {"method@r": float}, "n": int,
-        "predictions": list[int]}`` (predictions in manifest order).
+        ``consistency_report``'s fields and ``predictions``: the oracle's class per image, in manifest order.
     """
-    _, records = read_manifest(folder)
+    run, records = read_manifest(folder)
     if not records:
         raise ValueError(f"{folder} holds no generated images.")
     predicted = oracle_predictions(oracle, load_images(folder, records, image_size)).tolist()
-    hits: dict[str, list[int]] = defaultdict(list)
-    settings: dict[str, list[int]] = defaultdict(list)
-    for record, prediction in zip(records, predicted, strict=True):
-        ok = int(prediction == record["class_index"])
-        hits[record.get("class_name", str(record["class_index"]))].append(ok)
-        settings[f"{record['method']}@{record.get('strength')}"].append(ok)
-    agree = sum(sum(v) for v in hits.values())
-    return {"overall": agree / len(records), "n": len(records), "predictions": predicted,
-            "per_class": {k: sum(v) / len(v) for k, v in hits.items()},
-            "per_setting": {k: sum(v) / len(v) for k, v in settings.items()}}
+    names = (run.get("requests") or {}).get("class_names")
+    if not names:
+        raise ValueError(f"{folder} does not name its classes (run.json requests.class_names): regenerate it.")
+    scored = [{**r, "scores": {"oracle_agrees": p == r["class_index"]}}
+              for r, p in zip(records, predicted, strict=True)]
+    return {**consistency_report(scored, list(names)), "predictions": predicted}

@@ -16,11 +16,11 @@ Report spec (the ``report`` section of an experiment file; every path relative t
       method: GeNIe      # the title's method name
       accuracy: {0.5: runs/classifier/genie_r0.5/s*, 0.8: runs/classifier/genie/s*}
       consistency: {0.5: runs/synthetic/genie_r0.5, 0.8: runs/synthetic/genie}
-    consistency:         # label consistency per dataset (scored by SyntheticScorer)
+    consistency:         # label consistency per dataset (scored by ScoringSystem)
       - {label: txt2img, folder: runs/synthetic/txt2img}
     long_tail:           # overall and Many / Medium / Few accuracy of long-tailed runs
       - {label: real only, runs: runs/classifier/lt100/s*}
-    fewshot:             # few-shot episodes (FewShotEpisodes' JSON files)
+    fewshot:             # few-shot episodes (FewShotSystem' JSON files)
       - {label: lbGen backbone, file: runs/fewshot/lbgen_backbone.json}
 """
 

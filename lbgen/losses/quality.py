@@ -15,7 +15,7 @@ QUALITY_CONFIG_FILE, QUALITY_WEIGHTS_FILE = "quality_config.json", "quality_mode
 
 
 def read_quality_folder(folder: str | Path) -> tuple[dict, Path]:
-    """The config and weights file of a quality model saved by ``QualityTrainer`` (validated)."""
+    """The config and weights file of a quality model saved by ``QualitySystem`` (validated)."""
     folder = Path(folder)
     config_file, weights = folder / QUALITY_CONFIG_FILE, folder / QUALITY_WEIGHTS_FILE
     if not config_file.is_file() or not weights.is_file():
@@ -24,7 +24,7 @@ def read_quality_folder(folder: str | Path) -> tuple[dict, Path]:
                                 "fashion_quality.yaml`).")
     config = json.loads(config_file.read_text())
     if not isinstance(config, dict) or not isinstance(config.get("metric"), str):
-        raise ValueError(f"{config_file} has no 'metric' name; it was not written by lbgen's QualityTrainer.")
+        raise ValueError(f"{config_file} has no 'metric' name; it was not written by lbgen's QualitySystem.")
     return config, weights
 
 
@@ -35,7 +35,7 @@ class QualityLoss(nn.Module):
         metric: pyiqa metric name.
         input_size: resize images to this side first (metrics expect their training resolution); None: as is.
         metric_kwargs: extra ``pyiqa.create_metric`` arguments (e.g. ``pretrained: null`` for random weights).
-        checkpoint: weights of the metric's network trained by lbgen: a ``QualityTrainer`` folder (its metric,
+        checkpoint: weights of the metric's network trained by lbgen: a ``QualitySystem`` folder (its metric,
             arguments and input size are read from it) or a ``.safetensors`` / torch state-dict file. They are read
             safely (never unpickled code) and replace pyiqa's own weights, which are then not downloaded.
         freeze: freeze the metric (the usual case: it judges, it is not trained).
@@ -80,7 +80,7 @@ class QualityLoss(nn.Module):
 
     @property
     def net(self) -> nn.Module:
-        """The metric's network (what ``QualityTrainer`` trains and saves)."""
+        """The metric's network (what ``QualitySystem`` trains and saves)."""
         return self.metric.net
 
     def resize(self, images: torch.Tensor) -> torch.Tensor:

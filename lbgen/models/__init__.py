@@ -1,15 +1,15 @@
 """LightningModules: one system per stage."""
 
 from lbgen.models.attribute_extraction import AttributeExtractionSystem
-from lbgen.models.autoencoder import AutoencoderTrainer
-from lbgen.models.classifier import ImageClassifier
-from lbgen.models.clip_trainer import ClipTrainer
-from lbgen.models.fewshot import FewShotEpisodes
-from lbgen.models.generation import DiffusionGenerator
-from lbgen.models.lbgen_trainer import LbGenTrainer
-from lbgen.models.quality_trainer import QualityTrainer
-from lbgen.models.scoring import SyntheticScorer
-from lbgen.models.text_to_image import TextToImageTrainer
+from lbgen.models.autoencoder import AutoencoderSystem
+from lbgen.models.classifier import ClassifierSystem
+from lbgen.models.clip import ClipSystem
+from lbgen.models.fewshot import FewShotSystem
+from lbgen.models.generation import GenerationSystem
+from lbgen.models.lbgen_finetune import LbGenSystem
+from lbgen.models.quality import QualitySystem
+from lbgen.models.scoring import ScoringSystem
+from lbgen.models.text_to_image import TextToImageSystem
 
-__all__ = ["AttributeExtractionSystem", "AutoencoderTrainer", "ClipTrainer", "DiffusionGenerator", "FewShotEpisodes",
-           "ImageClassifier", "LbGenTrainer", "QualityTrainer", "SyntheticScorer", "TextToImageTrainer"]
+__all__ = ["AttributeExtractionSystem", "AutoencoderSystem", "ClipSystem", "GenerationSystem", "FewShotSystem",
+           "ClassifierSystem", "LbGenSystem", "QualitySystem", "ScoringSystem", "TextToImageSystem"]

@@ -7,12 +7,13 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 
 from lbgen.attributes.bank import AttributeBank
 from lbgen.attributes.extractors import AttributeExtractor
-from lbgen.models.text_to_image import low_precision_setup
+from lbgen.datamodules.base import ImageClassificationDataModule
+from lbgen.distributed import gather_lists, run_directory
+from lbgen.models.precision import low_precision_setup
 
 BANK_FILE = "attributes.json"
 
@@ -41,7 +42,7 @@ class AttributeExtractionSystem(L.LightningModule):
         self._exact: dict[str, dict[str, Any]] = {}
 
     def _path(self) -> Path:
-        return Path(self.output) if self.output else Path(self.trainer.log_dir or ".") / BANK_FILE
+        return Path(self.output) if self.output else (run_directory(self.trainer) or Path(".")) / BANK_FILE
 
     def on_predict_start(self) -> None:
         path = self._path()
@@ -49,18 +50,22 @@ class AttributeExtractionSystem(L.LightningModule):
             raise FileExistsError(f"Attribute bank {path} exists (it may have been reviewed by hand); pass "
                                   "--model.init_args.overwrite=true to re-extract, or use it as it is.")
         datamodule = self.trainer.datamodule
-        if getattr(datamodule, "predict_split", "train") == "test":
+        if not isinstance(datamodule, ImageClassificationDataModule):
+            raise TypeError("AttributeExtractionSystem describes real images: data must be an "
+                            f"ImageClassificationDataModule (e.g. FashionMNISTDataModule), got "
+                            f"{type(datamodule).__name__}.")
+        if datamodule.predict_split == "test":
             raise ValueError("Attributes describe the real training images: set --data.init_args.predict_split=train.")
         self.class_names = self.class_names or datamodule.class_names
         if self.extractor is not None:
             self.extractor.prepare(self.class_names)
             low_precision_setup(self, [self.extractor], lora=False)  # a frozen judge: bf16 / fp16 under *16
-        elif not hasattr(datamodule, "attribute_phrases"):
+        exact = datamodule.attribute_phrases(datamodule.predict_split) if self.extractor is None else []
+        if exact is None:
             raise ValueError(f"No extractor given and {type(datamodule).__name__} has no exact attribute records; "
                              "set model.init_args.extractor (ClipAttributeExtractor or CaptionerAttributeExtractor).")
         self._records = []
-        self._exact = ({r["id"]: r for r in datamodule.attribute_phrases(datamodule.predict_split)}
-                       if self.extractor is None else {})
+        self._exact = {r["id"]: r for r in exact}
 
     @torch.no_grad()
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -79,19 +84,15 @@ class AttributeExtractionSystem(L.LightningModule):
                                   "background": d["background"], "pose": d["pose"], "extractor": extractor_id})
 
     def on_predict_epoch_end(self) -> None:
-        records, path = self._records, self._path()  # _path may ask trainer.log_dir: a collective, all ranks
-        if dist.is_available() and dist.is_initialized():
-            gathered: list[list[dict[str, Any]]] = [[] for _ in range(dist.get_world_size())]
-            dist.all_gather_object(gathered, records)
-            records = [r for part in gathered for r in part]
+        path = self._path()  # may ask for the run directory: a collective, on every process
+        records = gather_lists(self._records)
         if not self.trainer.is_global_zero:
             return
         unique = {r["id"]: r for r in records}  # a distributed sampler pads with repeats
         datamodule = self.trainer.datamodule
         extractor = self.extractor.extractor_id if self.extractor is not None else "dataset-records"
-        meta = {"dataset": getattr(datamodule, "dataset_name", type(datamodule).__name__),
-                "split": getattr(datamodule, "predict_split", None), "split_seed": getattr(datamodule, "split_seed",
-                                                                                           None)}
+        meta = {"dataset": datamodule.dataset_name, "split": datamodule.predict_split,
+                "split_seed": datamodule.split_seed}
         for name in ("backgrounds", "poses"):
             if hasattr(self.extractor, name):
                 meta[name] = getattr(self.extractor, name)

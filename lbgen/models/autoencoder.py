@@ -8,16 +8,17 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 
 from lbgen.components import randomness
-from lbgen.models.classifier import unpack_batch
+from lbgen.components.diffusion import build_vae
+from lbgen.distributed import save_on_rank_zero
+from lbgen.models.batches import unpack_batch
 from lbgen.models.optim import configure_optimizers, ensure_finite
 
 
-class AutoencoderTrainer(L.LightningModule):
+class AutoencoderSystem(L.LightningModule):
     """Train an ``AutoencoderKL`` on images (reconstruction + KL) and save it as a diffusers folder.
 
     The latent scaling factor (1 / latent std, as SD's 0.18215) is estimated during training and stored in the
@@ -48,12 +49,7 @@ class AutoencoderTrainer(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.seed = seed
-        groups = min(32, *block_out_channels)
-        self.vae = AutoencoderKL(
-            in_channels=3, out_channels=3, block_out_channels=tuple(block_out_channels),
-            latent_channels=latent_channels, layers_per_block=layers_per_block, norm_num_groups=groups,
-            down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
-            up_block_types=("UpDecoderBlock2D",) * len(block_out_channels), sample_size=image_size)
+        self.vae = build_vae(image_size, block_out_channels, latent_channels, layers_per_block)
         self.weights = {name: w for name, w in (("mse", mse_weight), ("l1", l1_weight), ("kl", kl_weight)) if w}
         if not self.weights:
             raise ValueError("All loss weights are 0: set at least one of mse_weight, l1_weight, kl_weight.")
@@ -61,23 +57,29 @@ class AutoencoderTrainer(L.LightningModule):
         # running second moment of the latents, for the scaling factor (a buffer: it is checkpointed)
         self.register_buffer("latent_sq", torch.ones(()))
 
-    def loss_terms(self, images: torch.Tensor, generators: list[torch.Generator] | None = None
+    def loss_terms(self, images: torch.Tensor, rngs: list[torch.Generator] | None = None
                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Named loss terms for images in [0, 1], and the sampled latents (drawn per sample from ``generators``
+        """Named loss terms for images in [0, 1], and the sampled latents (drawn per sample from ``rngs``
         when given)."""
         x = images * 2 - 1
         posterior = self.vae.encode(x).latent_dist
-        z = posterior.sample(generator=generators)
+        z = posterior.sample(generator=rngs)
         reconstruction = self.vae.decode(z).sample
         builders = {"mse": lambda: F.mse_loss(reconstruction, x), "l1": lambda: F.l1_loss(reconstruction, x),
                     "kl": lambda: posterior.kl().mean() / z[0].numel()}
         return {name: builders[name]() for name in self.weights}, z
 
+    def training_loss(self, images: torch.Tensor, rngs: list[torch.Generator] | None = None
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """The back-propagated total (the weighted sum of the terms), the named terms, and the sampled latents
+        (``training_step`` estimates the latent scaling factor from them)."""
+        terms, z = self.loss_terms(images, rngs)
+        return sum(self.weights[name] * term for name, term in terms.items()), terms, z
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images, _, _ = unpack_batch(batch)
         # the latent draw of each sample is seeded by its key: independent of the number of processes
-        terms, z = self.loss_terms(images, randomness.batch_generators(batch, "lbgen-vae", self.seed))
-        loss = sum(self.weights[name] * term for name, term in terms.items())
+        loss, terms, z = self.training_loss(images, randomness.batch_rngs(batch, "lbgen-vae", self.seed))
         ensure_finite(terms, self.global_step)
         for name, term in terms.items():
             self.log(f"train/{name}", term, batch_size=len(images))
@@ -108,7 +110,6 @@ class AutoencoderTrainer(L.LightningModule):
         return Path(folder)
 
     def on_train_end(self) -> None:
-        log_dir = self.trainer.log_dir  # a collective under DDP: every process must ask
-        if self.trainer.is_global_zero and (self.output_dir or log_dir):
-            folder = self.save(Path(self.output_dir or Path(log_dir) / "vae"))
+        folder = save_on_rank_zero(self.trainer, self.output_dir, "vae", self.save)
+        if folder is not None:
             rank_zero_info(f"VAE saved to {folder} (latent scaling factor {self.scaling_factor:.4f})")

@@ -16,23 +16,19 @@ from rich.table import Table
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from lbgen.datamodules.base import class_names_of
+from lbgen.distributed import run_directory
 from lbgen.evaluation.longtail import bucket_accuracy, class_buckets, is_imbalanced
 from lbgen.losses.classification import SourceWeightedCrossEntropy
+from lbgen.models.batches import unpack_batch
 from lbgen.models.optim import configure_optimizers, ensure_finite
+from lbgen.models.precision import low_precision_setup
 from lbgen.storage.files import atomic_write
 
 CONFUSION_FILE, TEST_METRICS_FILE = "confusion_matrix.json", "test_metrics.json"
 
 
-def unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(images, labels, source)`` from a dict batch (lbgen DataModules) or an ``(image, label)`` tuple."""
-    if isinstance(batch, dict):
-        return batch["image"], batch["label"], batch.get("source")
-    images, labels = batch[0], batch[1]
-    return images, labels, None
-
-
-class ImageClassifier(L.LightningModule):
+class ClassifierSystem(L.LightningModule):
     """Train and evaluate an image classifier on any DataModule yielding ``(image, label)`` or lbgen dict batches.
 
     Args:
@@ -97,7 +93,7 @@ class ImageClassifier(L.LightningModule):
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
 
     # --- model ------------------------------------------------------------------------------------------------
-    def train(self, mode: bool = True) -> ImageClassifier:
+    def train(self, mode: bool = True) -> ClassifierSystem:
         super().train(mode)
         if self.finetune == "linear":
             self.backbone.eval()  # a linear probe keeps the backbone's normalisation statistics frozen too
@@ -117,15 +113,15 @@ class ImageClassifier(L.LightningModule):
             rank_zero_info(f"Backbone weights saved to {path}")
 
     def setup(self, stage: str) -> None:
-        names = getattr(getattr(self.trainer, "datamodule", None), "class_names", None)
+        names = class_names_of(self.trainer)
         if self.hparams.class_names is None and names is not None and len(names) == self.num_classes:
-            self.class_names = list(names)  # not linked (used without the CLI): take the DataModule's
-        image_size = getattr(getattr(self.trainer, "datamodule", None), "image_size", None)
+            self.class_names = names  # not linked (used without the CLI): take the DataModule's
+        # any DataModule of (image, label) batches trains a classifier: lbgen's also give their image size (checked
+        # against the backbone) and their training images per class (the long-tail report)
+        image_size = getattr(self.trainer.datamodule, "image_size", None)
         if isinstance(image_size, int):
             self.check_input_size(image_size)
         if self.finetune == "linear":  # a frozen backbone goes to bf16 / fp16 under *16 precision, like every judge
-            from lbgen.models.text_to_image import low_precision_setup  # (that module imports this one)
-
             low_precision_setup(self, [self.backbone], lora=False)
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
@@ -168,11 +164,18 @@ class ImageClassifier(L.LightningModule):
         return configure_optimizers(params, self.optimizer_factory, self.scheduler_factory, self.trainer)
 
     # --- steps ------------------------------------------------------------------------------------------------
+    def training_loss(self, logits: torch.Tensor, labels: torch.Tensor, source: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The back-propagated total and its one named term, ``cross_entropy`` (``self.loss`` of the logits; from
+        the logits, which ``training_step`` also scores accuracy with)."""
+        loss = self.loss(logits, labels, source)
+        return loss, {"cross_entropy": loss}
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images, labels, source = unpack_batch(batch)
         logits = self(images)
-        loss = self.loss(logits, labels, source)
-        ensure_finite({"cross_entropy": loss}, self.global_step)
+        loss, terms = self.training_loss(logits, labels, source)
+        ensure_finite(terms, self.global_step)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
         if labels.ndim == 1:  # hard labels (CutMix / MixUp make them soft)
             acc = (logits.argmax(1) == labels).float().mean()
@@ -201,8 +204,7 @@ class ImageClassifier(L.LightningModule):
 
     # --- test report ------------------------------------------------------------------------------------------
     def _train_class_counts(self) -> list[int] | None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        counts = getattr(datamodule, "train_class_counts", None)
+        counts = getattr(self.trainer.datamodule, "train_class_counts", None)
         return list(counts) if counts is not None else None
 
     def on_test_epoch_end(self) -> None:
@@ -219,16 +221,16 @@ class ImageClassifier(L.LightningModule):
             for name, value in bucket_accuracy(per_class, buckets).items():
                 self.log(f"test/acc_{name}", value)
                 report[f"acc_{name}"] = value
-        log_dir = self.trainer.log_dir  # a collective under DDP: every process asks, rank 0 writes
+        run_dir = run_directory(self.trainer)  # every process asks, rank 0 writes
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            self._write_report(per_class, confusion, counts, buckets, report, log_dir)
+            self._write_report(per_class, confusion, counts, buckets, report, run_dir)
 
     def _write_report(self, per_class: list[float], confusion: list[list[int]], counts: list[int] | None,
-                      buckets: list[str] | None, report: dict[str, Any], log_dir: str | None) -> None:
+                      buckets: list[str] | None, report: dict[str, Any], run_dir: Path | None) -> None:
         total = sum(map(sum, confusion))
         report["acc"] = sum(confusion[i][i] for i in range(len(confusion))) / max(total, 1)
-        if log_dir:
-            out = Path(log_dir)
+        if run_dir:
+            out = run_dir
             out.mkdir(parents=True, exist_ok=True)
             (out / CONFUSION_FILE).write_text(json.dumps(
                 {"class_names": self.class_names, "rows": "true class", "columns": "predicted class",

@@ -13,15 +13,16 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from lbgen.datamodules.episodes import EpisodeDataModule
+from lbgen.distributed import gather_lists
 from lbgen.evaluation.fewshot import Classifier, evaluate_episodes, sample_episodes
 from lbgen.storage.files import atomic_write
 
 
-class FewShotEpisodes(L.LightningModule):
+class FewShotSystem(L.LightningModule):
     """Few-shot episodes on a frozen backbone; writes ``output`` (JSON) and a Markdown table beside it.
 
     For every ``k_shot`` and every ``synthetic_per_class`` (0: real support only), the same seeded episodes are
@@ -54,7 +55,10 @@ class FewShotEpisodes(L.LightningModule):
         self._parts: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
 
     def on_predict_start(self) -> None:
-        if max(self.synthetic_per_class) > 0 and getattr(self.trainer.datamodule, "synthetic", None) is None:
+        if not isinstance(self.trainer.datamodule, EpisodeDataModule):
+            raise TypeError(f"FewShotSystem reads an EpisodeDataModule (real evaluation images and optionally a "
+                            f"generated set), got {type(self.trainer.datamodule).__name__}.")
+        if max(self.synthetic_per_class) > 0 and self.trainer.datamodule.synthetic is None:
             raise ValueError(f"synthetic_per_class {self.synthetic_per_class} needs a synthetic dataset: set "
                              "data.init_args.synthetic (an EpisodeDataModule), or synthetic_per_class: [0].")
         self._parts = {}
@@ -66,18 +70,14 @@ class FewShotEpisodes(L.LightningModule):
                                                            batch["label"].cpu()))
 
     def _gathered(self, loader: int) -> tuple[np.ndarray, np.ndarray]:
-        parts = self._parts.get(loader, [])
-        if dist.is_available() and dist.is_initialized():  # every image once per process (unrepeated sampler)
-            everyone: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(everyone, parts)
-            parts = [p for share in everyone for p in share]
+        parts = gather_lists(self._parts.get(loader, []))  # every image once over the processes (unrepeated sampler)
         index = torch.cat([p[0] for p in parts])
         order = torch.argsort(index)  # the dataset's order, whatever the number of processes
         return torch.cat([p[1] for p in parts])[order].numpy(), torch.cat([p[2] for p in parts])[order].numpy()
 
     def on_predict_epoch_end(self) -> None:
         features, labels = self._gathered(0)
-        has_synthetic = getattr(self.trainer.datamodule, "synthetic", None) is not None
+        has_synthetic = self.trainer.datamodule.synthetic is not None
         synthetic = self._gathered(1) if has_synthetic else (None, None)
         if self.trainer.is_global_zero:
             self._write(features, labels, *synthetic)
@@ -98,7 +98,7 @@ class FewShotEpisodes(L.LightningModule):
         data = self.trainer.datamodule
         record = {"n_way": self.n_way, "n_query": self.n_query, "classifier": self.classifier, "c": self.c,
                   "seed": self.seed, "real_images": int(len(labels)),
-                  "synthetic": getattr(getattr(data, "synthetic", None), "dataset_name", None), "results": rows}
+                  "synthetic": data.synthetic.dataset_name if data.synthetic is not None else None, "results": rows}
         self.output.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(self.output, json.dumps(record, indent=1).encode())
         table = ["| k-shot | + synthetic per class | accuracy % (95% CI) |", "|---:|---:|---:|"]

@@ -22,7 +22,8 @@ from lbgen.components.clip import ClipScorer
 from lbgen.components.diffusion import GeneratorSource, PretrainedGenerator
 from lbgen.components.genie_ada import adaptive_strength
 from lbgen.components.lora import lora_hash
-from lbgen.models.text_to_image import class_caption, low_precision_setup
+from lbgen.components.prompts import fill_caption
+from lbgen.models.precision import low_precision_setup
 
 HOST_TABLE_SCHEDULERS = (DDIMScheduler, DDPMScheduler, PNDMScheduler)
 """Schedulers whose ``step`` reads its coefficients from CPU tables whatever device the timesteps are on: given
@@ -68,7 +69,7 @@ class PromptEmbeddingCache:
         return torch.cat(rows)
 
 
-class DiffusionGenerator(L.LightningModule):
+class GenerationSystem(L.LightningModule):
     """Generate the images of ``GenerationRequestsDataModule`` chunks with a Stable Diffusion-style pipeline.
 
     The pipeline is built once per process; every image is seeded from its request, so it does not depend on
@@ -188,12 +189,12 @@ class DiffusionGenerator(L.LightningModule):
     @torch.no_grad()
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         records = batch["records"]
-        generators = [torch.Generator("cpu").manual_seed(r["seed"]) for r in records]
+        rngs = [torch.Generator("cpu").manual_seed(r["seed"]) for r in records]
         cond, uncond = self.embed_prompts([r["prompt"] for r in records],
                                           [r["negative_prompt"] or "" for r in records])
         common = {"prompt_embeds": cond, "negative_prompt_embeds": uncond,
                   "num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale,
-                  "generator": generators, "output_type": "pt"}
+                  "generator": rngs, "output_type": "pt"}
         if "source_images" in batch:
             strengths = {r["strength"] for r in records}
             if len(strengths) != 1:
@@ -214,7 +215,7 @@ class DiffusionGenerator(L.LightningModule):
         elif self.unet.config.time_cond_proj_dim is not None:  # guidance-embedding UNets (LCM): diffusers' loop
             images = self.txt2img(height=self.image_size, width=self.image_size, **common).images
         else:
-            images = sample_txt2img(self.txt2img, cond, uncond, generators, self.image_size,
+            images = sample_txt2img(self.txt2img, cond, uncond, rngs, self.image_size,
                                     self.num_inference_steps, self.guidance_scale)
         # in fp32 as diffusers' own PIL conversion (bf16 cannot hold x * 255 to the level); one device-to-host copy
         # per batch: the sampler loop itself never waits for the device
@@ -225,16 +226,14 @@ class DiffusionGenerator(L.LightningModule):
                    ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
         """GeNIe-Ada: every r of the sweep with the requests' own seeds; per image the judge's crossing r."""
         names = self.class_names or self.trainer.datamodule.class_names
-        texts = self.ada_judge.encode_texts([class_caption(self.ada_template, n) for n in names])
-        model = self.ada_judge.model
-        scale = model.logit_scale.exp().float() if hasattr(model, "logit_scale") else 100.0
+        texts = [fill_caption(self.ada_template, n) for n in names]
 
         def generate(r: float) -> torch.Tensor:
             seeds = [torch.Generator("cpu").manual_seed(rec["seed"]) for rec in records]
             return self.img2img(image=sources, strength=r, **{**common, "generator": seeds}).images.float()
 
         def judge(images: torch.Tensor) -> torch.Tensor:
-            return (scale * self.ada_judge.encode_images(images.clamp(0, 1)).float() @ texts.T).softmax(-1)
+            return self.ada_judge.class_probabilities(images.clamp(0, 1), texts)
 
         source = torch.tensor([rec["source_class"] for rec in records])
         target = torch.tensor([rec["class_index"] for rec in records])
@@ -245,7 +244,7 @@ class DiffusionGenerator(L.LightningModule):
 
 
 def sample_txt2img(pipe: StableDiffusionPipeline, cond: torch.Tensor, uncond: torch.Tensor | None,
-                   generators: list[torch.Generator], image_size: int, num_steps: int,
+                   rngs: list[torch.Generator], image_size: int, num_steps: int,
                    guidance_scale: float) -> torch.Tensor:
     """Diffusers' ``StableDiffusionPipeline.__call__`` txt2img path, step for step, images in ``[0, 1]``.
 
@@ -257,7 +256,7 @@ def sample_txt2img(pipe: StableDiffusionPipeline, cond: torch.Tensor, uncond: to
         pipe: the pipeline whose UNet, VAE, scheduler and image processor run.
         cond: prompt hidden states ``[B, L, D]``.
         uncond: negative / empty-prompt hidden states ``[B, L, D]``; None: no guidance.
-        generators: one per image (the initial noise, and a stochastic sampler's noise).
+        rngs: one per image (the initial noise, and a stochastic sampler's noise).
         image_size: output side in pixels.
         num_steps: sampler steps.
         guidance_scale: classifier-free guidance weight (used when ``uncond`` is given).
@@ -270,8 +269,8 @@ def sample_txt2img(pipe: StableDiffusionPipeline, cond: torch.Tensor, uncond: to
     timesteps = scheduler.timesteps
     unet_timesteps = timesteps.to(device)
     latents = pipe.prepare_latents(cond.shape[0], unet.config.in_channels, image_size, image_size, cond.dtype,
-                                   device, generators)
-    extra = pipe.prepare_extra_step_kwargs(generators, 0.0)
+                                   device, rngs)
+    extra = pipe.prepare_extra_step_kwargs(rngs, 0.0)
     for i, t in enumerate(timesteps):
         x = torch.cat([latents] * 2) if uncond is not None else latents
         x = scheduler.scale_model_input(x, t)
@@ -280,5 +279,5 @@ def sample_txt2img(pipe: StableDiffusionPipeline, cond: torch.Tensor, uncond: to
             noise_uncond, noise_cond = noise.chunk(2)
             noise = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
         latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
-    image = vae.decode(latents / vae.config.scaling_factor, return_dict=False, generator=generators)[0]
+    image = vae.decode(latents / vae.config.scaling_factor, return_dict=False, generator=rngs)[0]
     return pipe.image_processor.postprocess(image, output_type="pt", do_denormalize=[True] * image.shape[0])

@@ -38,12 +38,3 @@ def ensure_finite(terms: dict[str, torch.Tensor], step: int) -> None:
         raise FloatingPointError(
             f"Loss term(s) {bad} not finite at step {step}: training stopped before the update, the last checkpoint "
             "is kept. Lower the learning rate or set trainer.gradient_clip_val, then resume with --ckpt_path last.")
-
-
-def gather_global(system: L.LightningModule, tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` of the whole global batch (all processes' parts concatenated), for losses over pairs of samples
-    (contrastive, ranking): with W processes at batch B / W the loss is the one of 1 process at batch B. Gradients
-    flow back to every process's part (summed over processes; DDP's average then gives the 1-process gradient)."""
-    if system._trainer is None or system.trainer.world_size == 1:
-        return tensor
-    return system.all_gather(tensor, sync_grads=tensor.requires_grad).flatten(0, 1)

@@ -11,13 +11,15 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 
-from lbgen.callbacks.dataset_writer import MANIFEST_FILE
 from lbgen.components.clip import ClipScorer
-from lbgen.datamodules.synthetic import read_manifest
-from lbgen.models.text_to_image import class_caption, low_precision_setup
+from lbgen.components.prompts import fill_caption
+from lbgen.datamodules.synthetic import SyntheticDataModule
+from lbgen.distributed import gather_lists
+from lbgen.evaluation.label_consistency import consistency_report
+from lbgen.models.precision import low_precision_setup
+from lbgen.storage.dataset_format import read_manifest, write_manifest
 from lbgen.storage.files import atomic_write
 
 CONSISTENCY_FILE, VIEW_DIR = "label_consistency.json", "views"
@@ -69,21 +71,7 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def consistency_report(records: list[dict[str, Any]], class_names: list[str]) -> dict[str, Any]:
-    """Share of images the oracle labels as prompted: overall, per class, per ``method@r``."""
-    scored = [r for r in records if "oracle_agrees" in r["scores"]]
-    per_class: dict[str, list[int]] = defaultdict(list)
-    per_setting: dict[str, list[int]] = defaultdict(list)
-    for r in scored:
-        per_class[class_names[r["class_index"]]].append(int(r["scores"]["oracle_agrees"]))
-        setting = f"{r['method']}@{'ada' if 'ada_strength' in r else r.get('strength')}"  # GeNIe-Ada: r per image
-        per_setting[setting].append(int(r["scores"]["oracle_agrees"]))
-    return {"overall": _mean(int(r["scores"]["oracle_agrees"]) for r in scored), "n": len(scored),
-            "per_class": {k: _mean(v) for k, v in per_class.items()},
-            "per_setting": {k: _mean(v) for k, v in per_setting.items()}}
-
-
-class SyntheticScorer(L.LightningModule):
+class ScoringSystem(L.LightningModule):
     """``lbgen predict`` over a ``SyntheticDataModule``: score every generated image and write the results.
 
     Per image (written into ``manifest.jsonl`` under ``scores``): the oracle's label, whether it agrees with the
@@ -92,7 +80,7 @@ class SyntheticScorer(L.LightningModule):
     and the filtered view ``views/<view_name>.json`` with a Markdown report of what was rejected, per class.
 
     Args:
-        oracle_checkpoint: an ``ImageClassifier`` checkpoint trained on real data (e.g. ``fashion_full.yaml``);
+        oracle_checkpoint: an ``ClassifierSystem`` checkpoint trained on real data (e.g. ``fashion_full.yaml``);
             None: no label consistency.
         clip: the CLIP judge of the filter (real use: ViT-L-14 / openai); None: no CLIP score, no filter.
         clip_template: CLIP text of a class.
@@ -119,12 +107,12 @@ class SyntheticScorer(L.LightningModule):
             raise ValueError(f"view_name must be a plain name (letters, digits, - and _), got {view_name!r}.")
         self.oracle = None
         if oracle_checkpoint is not None:
-            from lbgen.models.classifier import ImageClassifier
+            from lbgen.models.classifier import ClassifierSystem
 
             if not Path(oracle_checkpoint).is_file():
                 raise FileNotFoundError(f"oracle_checkpoint {oracle_checkpoint} does not exist: train one on real "
                                         "data (lbgen fit -c configs/classifier/fashion_full.yaml).")
-            self.oracle = ImageClassifier.load_from_checkpoint(oracle_checkpoint, map_location="cpu",
+            self.oracle = ClassifierSystem.load_from_checkpoint(oracle_checkpoint, map_location="cpu",
                                                                weights_only=True).requires_grad_(False).eval()
         self.clip = clip.requires_grad_(False).eval() if clip is not None else None
         self.oracle_checkpoint, self.clip_template = oracle_checkpoint, clip_template
@@ -135,8 +123,8 @@ class SyntheticScorer(L.LightningModule):
     def setup(self, stage: str) -> None:
         low_precision_setup(self, [m for m in (self.oracle, self.clip) if m is not None], lora=False)
         datamodule = self.trainer.datamodule
-        if not hasattr(datamodule, "records"):
-            raise ValueError("SyntheticScorer reads a generated dataset: use data SyntheticDataModule.")
+        if not isinstance(datamodule, SyntheticDataModule):
+            raise ValueError("ScoringSystem reads a generated dataset: use data SyntheticDataModule.")
         self.class_names = self.class_names or datamodule.class_names
         if self.oracle is not None and self.oracle.num_classes != len(self.class_names):
             raise ValueError(f"The oracle has {self.oracle.num_classes} classes, the dataset {len(self.class_names)}.")
@@ -156,19 +144,14 @@ class SyntheticScorer(L.LightningModule):
                 s.update(oracle_label=int(p.argmax()), oracle_agrees=bool(int(p.argmax()) == c),
                          oracle_prob=round(float(p[c]), 6))
         if self.clip is not None:
-            texts = self.clip.encode_texts([class_caption(self.clip_template, n) for n in self.class_names])
-            scale = self.clip.model.logit_scale.exp().float() if hasattr(self.clip.model, "logit_scale") else 100.0
-            probs = (scale * self.clip.encode_images(images).float() @ texts.T).softmax(-1)
+            texts = [fill_caption(self.clip_template, n) for n in self.class_names]
+            probs = self.clip.class_probabilities(images, texts)
             for s, p, c in zip(scores, probs, labels.tolist(), strict=True):
                 s["clip_prob"] = round(float(p[c]), 6)
         self._scores.extend(scores)
 
     def on_predict_epoch_end(self) -> None:
-        scores = self._scores
-        if dist.is_available() and dist.is_initialized():
-            parts: list[list[dict[str, Any]]] = [[] for _ in range(dist.get_world_size())]
-            dist.all_gather_object(parts, scores)
-            scores = [s for part in parts for s in part]
+        scores = gather_lists(self._scores)
         if self.trainer.is_global_zero:
             self._write(scores)
         self.trainer.strategy.barrier()
@@ -188,8 +171,7 @@ class SyntheticScorer(L.LightningModule):
         for r in manifest:
             if r["id"] in by_id:
                 r["scores"] = by_id[r["id"]]
-        atomic_write(folder / MANIFEST_FILE,
-                      "".join(json.dumps(r, sort_keys=True) + "\n" for r in manifest).encode())
+        write_manifest(folder, manifest)
         lines = [f"Scored {len(records)} images in {folder}"]
         if self.oracle is not None:
             report = {**consistency_report(records, self.class_names), "oracle": self.oracle_checkpoint}

@@ -10,41 +10,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from diffusers.training_utils import EMAModel, cast_training_params, compute_snr
+from diffusers.training_utils import EMAModel, compute_snr
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 
 from lbgen.components import randomness
 from lbgen.components.diffusion import GeneratorSource
 from lbgen.components.lora import TEXT_TARGETS, UNET_TARGETS, add_lora, save_lora
-from lbgen.models.classifier import unpack_batch
+from lbgen.components.prompts import fill_caption
+from lbgen.datamodules.base import class_names_of
+from lbgen.distributed import save_on_rank_zero
+from lbgen.models.batches import unpack_batch
 from lbgen.models.optim import configure_optimizers, ensure_finite
+from lbgen.models.precision import low_precision_setup
 
 Mode = Literal["scratch", "full", "lora"]
-LOW_PRECISION = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16,
-                 "16-true": torch.float16}
-
-
-def low_precision_setup(system: L.LightningModule, modules: list[torch.nn.Module], lora: bool) -> None:
-    """Under ``*16`` precision, cast frozen modules (and LoRA hosts) to the low dtype for memory; trainable
-    parameters stay fp32 for the optimizer."""
-    dtype = LOW_PRECISION.get(str(system.trainer.precision)) if system._trainer is not None else None
-    if dtype is None:
-        return
-    for module in modules:
-        if not any(p.requires_grad for p in module.parameters()):
-            module.to(dtype)
-        elif lora:
-            module.to(dtype)
-            cast_training_params(module, dtype=torch.float32)
-
-
-def class_caption(template: str, class_name: str, superclass: str | None = None) -> str:
-    """``template`` filled with ``{class}`` (and ``{superclass}``), e.g. "a photo of a {class}"."""
-    return template.format(**{"class": class_name, "superclass": superclass or ""})
-
-
-class TextToImageTrainer(L.LightningModule):
+class TextToImageSystem(L.LightningModule):
     """Train a Stable Diffusion-style generator with the denoising loss, and save it for ``from_pretrained``.
 
     Captions come from the batch (``batch["caption"]``, e.g. BOB's attribute captions) or from ``prompt_template``
@@ -154,7 +135,7 @@ class TextToImageTrainer(L.LightningModule):
     def setup(self, stage: str) -> None:
         low_precision_setup(self, [self.vae, self.text_encoder, self.unet], lora=self.mode == "lora")
         if self.class_names is None:
-            self.class_names = getattr(getattr(self.trainer, "datamodule", None), "class_names", None)
+            self.class_names = class_names_of(self.trainer)
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
@@ -168,7 +149,8 @@ class TextToImageTrainer(L.LightningModule):
         _, labels, _ = unpack_batch(batch)
         if self.class_names is None:
             raise ValueError("No captions in the batch and no class_names: link the DataModule's class names.")
-        return [class_caption(self.prompt_template, self.class_names[int(i)], self.superclass) for i in labels]
+        names = self.class_names
+        return [fill_caption(self.prompt_template, names[int(i)], superclass=self.superclass) for i in labels]
 
     def encode_prompts(self, captions: list[str]) -> torch.Tensor:
         """Text-encoder hidden states; each distinct caption is encoded once."""
@@ -178,18 +160,18 @@ class TextToImageTrainer(L.LightningModule):
         return self.text_encoder(ids)[0][torch.as_tensor(inverse, device=self.device)]
 
     def denoising_loss(self, images: torch.Tensor, captions: list[str],
-                       generators: list[torch.Generator] | None = None) -> torch.Tensor:
+                       rngs: list[torch.Generator] | None = None) -> torch.Tensor:
         """The (optionally min-SNR-weighted) denoising loss for images in [0, 1] and their captions; random draws
-        from ``generators`` (one per sample) when given, else from the global generator."""
+        from ``rngs`` (one per sample) when given, else from the global RNG."""
         if self.caption_dropout:
-            drop = randomness.rand(generators, len(captions)) < self.caption_dropout
+            drop = randomness.rand(rngs, len(captions)) < self.caption_dropout
             captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
         with torch.no_grad():
             x = (images * 2 - 1).to(self.vae.dtype)
-            latents = self.vae.encode(x).latent_dist.sample(generator=generators) * self.vae.config.scaling_factor
+            latents = self.vae.encode(x).latent_dist.sample(generator=rngs) * self.vae.config.scaling_factor
         latents = latents.float()
-        noise = randomness.randn(latents.shape, generators, latents.device)
-        steps = randomness.randint(self.noise_scheduler.config.num_train_timesteps, generators, len(latents),
+        noise = randomness.randn(latents.shape, rngs, latents.device)
+        steps = randomness.randint(self.noise_scheduler.config.num_train_timesteps, rngs, len(latents),
                                    latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, steps)
         hidden = self.encode_prompts(captions)
@@ -203,11 +185,18 @@ class TextToImageTrainer(L.LightningModule):
             per_sample = per_sample * weight / (snr if self.prediction_type == "epsilon" else snr + 1)
         return per_sample.mean()
 
+    def training_loss(self, images: torch.Tensor, captions: list[str],
+                      rngs: list[torch.Generator] | None = None
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The back-propagated total and its one named term, ``denoising`` (see ``denoising_loss``)."""
+        loss = self.denoising_loss(images, captions, rngs)
+        return loss, {"denoising": loss}
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images, _, _ = unpack_batch(batch)
-        generators = randomness.batch_generators(batch, "lbgen-t2i", self.seed)
-        loss = self.denoising_loss(images, self.captions_for(batch), generators)
-        ensure_finite({"denoising": loss}, self.global_step)
+        rngs = randomness.batch_rngs(batch, "lbgen-t2i", self.seed)
+        loss, terms = self.training_loss(images, self.captions_for(batch), rngs)
+        ensure_finite(terms, self.global_step)
         self.log("train/denoising", loss, prog_bar=True, batch_size=len(images))
         return loss
 
@@ -251,7 +240,6 @@ class TextToImageTrainer(L.LightningModule):
         return folder
 
     def on_train_end(self) -> None:
-        log_dir = self.trainer.log_dir  # a collective under DDP: every process must ask
-        if self.trainer.is_global_zero and (self.output_dir or log_dir):
-            folder = self.save(Path(self.output_dir or Path(log_dir) / "generator"))
+        folder = save_on_rank_zero(self.trainer, self.output_dir, "generator", self.save)
+        if folder is not None:
             rank_zero_info(f"Generator ({self.mode}) saved to {folder}")

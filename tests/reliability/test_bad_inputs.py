@@ -22,7 +22,6 @@ import yaml
 from PIL import Image
 
 from lbgen.attributes.bank import AttributeBank
-from lbgen.callbacks.dataset_writer import MANIFEST_FILE, RUN_FILE, SHARD_DIR
 from lbgen.cli import cli_main
 from lbgen.components import PretrainedGenerator, TimmBackbone, build_generator, load_generator, load_state_dict
 from lbgen.components.lora import add_lora, save_lora
@@ -34,8 +33,8 @@ from lbgen.datamodules import (
     SyntheticDataModule,
     read_manifest,
 )
-from lbgen.datamodules.synthetic import export_image_folder
-from lbgen.models import DiffusionGenerator, ImageClassifier
+from lbgen.models import ClassifierSystem, GenerationSystem
+from lbgen.storage.dataset_format import MANIFEST_FILE, RUN_FILE, SHARD_DIR, export_image_folder
 
 from ..conftest import REPO
 
@@ -51,7 +50,7 @@ def _trainer(**kwargs) -> L.Trainer:
 
 
 def generate(generator: Path, out: Path, data: GenerationRequestsDataModule) -> Path:
-    model = DiffusionGenerator(PretrainedGenerator(str(generator)), output_dir=str(out), num_inference_steps=1,
+    model = GenerationSystem(PretrainedGenerator(str(generator)), output_dir=str(out), num_inference_steps=1,
                                shard_size=8)
     _trainer().predict(model, data, return_predictions=False)
     return out
@@ -229,7 +228,7 @@ def test_model_path_that_does_not_exist_or_is_not_a_diffusers_folder(tiny_genera
     with pytest.raises(FileNotFoundError) as missing:
         load_generator("runs/embedded/no_such_generator")
     assert "runs/embedded/no_such_generator does not exist" in str(missing.value)
-    assert "fashion_pretrain.yaml" in str(missing.value) and "'namespace/name'" in str(missing.value)
+    assert "fashion_generator.yaml" in str(missing.value) and "'namespace/name'" in str(missing.value)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         PretrainedGenerator(str(tmp_path / "nowhere"))()
     for not_a_pipeline in (tiny_generator / "vae", tiny_generator / "model_index.json"):  # a component, a file
@@ -275,7 +274,7 @@ def test_lora_that_does_not_fit_the_unet_is_refused(tiny_generator, loras, tmp_p
 
 
 def _confusion_file(path: Path, class_names: list[str]) -> Path:
-    """A ``confusion_matrix.json`` as ``ImageClassifier.test`` writes it."""
+    """A ``confusion_matrix.json`` as ``ClassifierSystem.test`` writes it."""
     matrix = (np.eye(len(class_names), dtype=int) * 5 + 1).tolist()
     path.write_text(json.dumps({"class_names": class_names, "rows": "true class", "columns": "predicted class",
                                 "matrix": matrix}, indent=1))
@@ -338,7 +337,7 @@ def _vit(img_size: int) -> TimmBackbone:
 
 def test_generator_image_size_the_classifier_cannot_take(synthetic_run):
     # the generated images are 16 px; the DataModule delivers image_size, the ViT takes only 32
-    classifier = ImageClassifier(_vit(32), num_classes=len(UNSAFE_NAMES))
+    classifier = ClassifierSystem(_vit(32), num_classes=len(UNSAFE_NAMES))
     data = SyntheticDataModule(str(synthetic_run), image_size=16, batch_size=4)
     with pytest.raises(ValueError) as bad:
         _trainer(fast_dev_run=True).fit(classifier, data)
@@ -349,7 +348,7 @@ def test_generator_image_size_the_classifier_cannot_take(synthetic_run):
     # asking the DataModule for the classifier's size works: the 16 px images are resized to 32
     data = SyntheticDataModule(str(synthetic_run), image_size=32, batch_size=4)
     trainer = _trainer(fast_dev_run=True)
-    trainer.fit(ImageClassifier(_vit(32), num_classes=len(UNSAFE_NAMES)), data)
+    trainer.fit(ClassifierSystem(_vit(32), num_classes=len(UNSAFE_NAMES)), data)
     assert trainer.state.finished and data.train_dataset[0]["image"].shape == (3, 32, 32)
 
 
@@ -506,5 +505,5 @@ def test_attribute_bank_is_validated_when_read(tmp_path):
     with pytest.raises(ValueError, match="is not valid JSON"):
         AttributeBank.load(tmp_path / "cut.json")
     with pytest.raises(FileNotFoundError, match="configs/bob/attributes.yaml"):
-        GenerationRequestsDataModule(class_names=names, attribute_sampling="bob", attribute_bank=str(tmp_path / "no"),
+        GenerationRequestsDataModule(class_names=names, attribute_mode="bob", attribute_bank=str(tmp_path / "no"),
                                      prompt_template="a {class} in front of a {background}, {pose}")

@@ -14,11 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lbgen.callbacks.dataset_writer import MANIFEST_FILE, SHARD_DIR, complete_shards
-from lbgen.datamodules.synthetic import read_manifest
+from lbgen.storage.dataset_format import MANIFEST_FILE, SHARD_DIR, complete_shards, read_manifest
 
-from ..conftest import REPO
-from ..test_cli_and_configs import load_recipe, recipe_paths, shrink  # noqa: F401 (fixture)
+from ..conftest import REPO, load_recipe, shrink
 from ..test_generation import pngs
 
 IMAGES_PER_CLASS, BATCH, SHARD = 6, 4, 4  # 60 images in 15 batches and 15 shards
@@ -35,7 +33,7 @@ def recipe(paths: dict, out: Path, name: str) -> tuple[Path, Path]:
 
 
 def lbgen_predict(config: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "lbgen.cli", "predict", "-c", str(config)],
+    return subprocess.Popen([sys.executable, "-m", "lbgen", "predict", "-c", str(config)],
                             env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 
@@ -49,7 +47,7 @@ def wait_for_shards(proc: subprocess.Popen, folder: Path, n: int, timeout: float
 
 
 @pytest.mark.slow
-def test_killed_again_and_again_then_rerun_gives_the_uninterrupted_dataset(recipe_paths, tmp_path):  # noqa: F811
+def test_killed_again_and_again_then_rerun_gives_the_uninterrupted_dataset(recipe_paths, tmp_path):
     config, reference = recipe(recipe_paths, tmp_path, "reference")
     assert lbgen_predict(config).wait() == 0
     config, target = recipe(recipe_paths, tmp_path, "killed")
@@ -74,7 +72,7 @@ def test_killed_again_and_again_then_rerun_gives_the_uninterrupted_dataset(recip
 
 
 @pytest.mark.slow
-def test_sigterm_stops_generation_promptly_with_complete_shards(recipe_paths, tmp_path):  # noqa: F811
+def test_sigterm_stops_generation_promptly_with_complete_shards(recipe_paths, tmp_path):
     config, target = recipe(recipe_paths, tmp_path, "terminated")
     proc = lbgen_predict(config)
     wait_for_shards(proc, target, 1)

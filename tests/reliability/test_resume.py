@@ -16,12 +16,11 @@ import yaml
 
 from lbgen.cli import cli_main
 
-from ..conftest import REPO
-from ..test_cli_and_configs import load_recipe, recipe_paths, shrink  # noqa: F401 (fixture)
+from ..conftest import REPO, load_recipe, shrink
 
-SYSTEMS = {"ImageClassifier": "classifier/fashion_5shot.yaml", "AutoencoderTrainer": "generator/fashion_vae.yaml",
-           "TextToImageTrainer": "bob/finetune.yaml", "ClipTrainer": "foundation/fashion_clip.yaml",
-           "QualityTrainer": "foundation/fashion_quality.yaml", "LbGenTrainer": "lbgen/fashion.yaml"}
+SYSTEMS = {"ClassifierSystem": "classifier/fashion_5shot.yaml", "AutoencoderSystem": "foundation/fashion_vae.yaml",
+           "TextToImageSystem": "bob/finetune.yaml", "ClipSystem": "foundation/fashion_clip.yaml",
+           "QualitySystem": "foundation/fashion_quality.yaml", "LbGenSystem": "lbgen/fashion.yaml"}
 
 
 def short_epochs(node) -> None:
@@ -59,7 +58,7 @@ def last_weights(run_root: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("system", sorted(SYSTEMS))
-def test_crash_then_resume_gives_the_uninterrupted_weights(system, recipe_paths, tmp_path):  # noqa: F811
+def test_crash_then_resume_gives_the_uninterrupted_weights(system, recipe_paths, tmp_path):
     config = SYSTEMS[system]
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     for folder in (straight, crashed):
@@ -79,10 +78,10 @@ def test_crash_then_resume_gives_the_uninterrupted_weights(system, recipe_paths,
 
 
 @pytest.mark.slow
-def test_killed_process_resumes_from_a_loadable_checkpoint(recipe_paths, tmp_path):  # noqa: F811
+def test_killed_process_resumes_from_a_loadable_checkpoint(recipe_paths, tmp_path):
     recipe = tiny_recipe("classifier/fashion_5shot.yaml", recipe_paths, tmp_path, epochs=40)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "lbgen.cli", "fit", "-c", str(recipe), "--test_after_fit=no"],
+    proc = subprocess.Popen([sys.executable, "-m", "lbgen", "fit", "-c", str(recipe), "--test_after_fit=no"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = tmp_path / "runs/version_0/checkpoints"
     deadline = time.time() + 240
@@ -98,7 +97,7 @@ def test_killed_process_resumes_from_a_loadable_checkpoint(recipe_paths, tmp_pat
     assert cli.trainer.current_epoch == 40 and cli.trainer.global_step > state["global_step"]
 
 
-def test_non_finite_loss_stops_naming_step_and_term_and_keeps_the_checkpoint(recipe_paths, tmp_path):  # noqa: F811
+def test_non_finite_loss_stops_naming_step_and_term_and_keeps_the_checkpoint(recipe_paths, tmp_path):
     recipe = tiny_recipe("classifier/fashion_5shot.yaml", recipe_paths, tmp_path, epochs=6)
     # an absurd learning rate overflows the weights within a few steps
     with pytest.raises(FloatingPointError, match=r"not finite at step \d+") as error:
@@ -110,8 +109,8 @@ def test_non_finite_loss_stops_naming_step_and_term_and_keeps_the_checkpoint(rec
         assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()), checkpoint
 
 
-def test_fit_refuses_to_overwrite_a_previous_output(recipe_paths, tmp_path):  # noqa: F811
-    recipe = tiny_recipe("generator/fashion_vae.yaml", recipe_paths, tmp_path, epochs=1)
+def test_fit_refuses_to_overwrite_a_previous_output(recipe_paths, tmp_path):
+    recipe = tiny_recipe("foundation/fashion_vae.yaml", recipe_paths, tmp_path, epochs=1)
     output = Path(yaml.safe_load(recipe.read_text())["model"]["init_args"]["output_dir"])
     output.mkdir(parents=True)
     (output / "config.json").write_text("{}")

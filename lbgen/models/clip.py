@@ -20,8 +20,9 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lbgen.components import randomness
 from lbgen.components.clip import ClipScorer
-from lbgen.models.classifier import unpack_batch
-from lbgen.models.optim import configure_optimizers, ensure_finite, gather_global
+from lbgen.distributed import gather_global, save_on_rank_zero
+from lbgen.models.batches import unpack_batch
+from lbgen.models.optim import configure_optimizers, ensure_finite
 
 DEFAULT_MODEL_CONFIG: dict[str, Any] = {
     "embed_dim": 128,
@@ -46,7 +47,7 @@ def label_contrastive_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[
     return F.cross_entropy(logits, targets), F.cross_entropy(logits.t(), targets)
 
 
-class ClipTrainer(L.LightningModule):
+class ClipSystem(L.LightningModule):
     """Train an open_clip model from scratch on labelled images with captions made from class names.
 
     Each image is paired with a caption of its class from a random template; the loss is CLIP's symmetric
@@ -86,7 +87,7 @@ class ClipTrainer(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.seed = seed
         if not class_names:
-            raise ValueError("ClipTrainer needs class_names to write captions: lbgen's CLI links them from the data "
+            raise ValueError("ClipSystem needs class_names to write captions: lbgen's CLI links them from the data "
                              "(data.class_names); pass them when building the model by hand.")
         if num_classes is not None and num_classes != len(class_names):
             raise ValueError(f"num_classes={num_classes} but {len(class_names)} class_names were given.")
@@ -127,11 +128,11 @@ class ClipTrainer(L.LightningModule):
         return self.clip.model.encode_text(self.caption_tokens, normalize=True)
 
     def loss_terms(self, images: torch.Tensor, labels: torch.Tensor,
-                   generators: list[torch.Generator] | None = None) -> dict[str, torch.Tensor]:
+                   rngs: list[torch.Generator] | None = None) -> dict[str, torch.Tensor]:
         """Named loss terms for images in [0, 1] and integer labels; each image gets a random template (drawn from
         its own generator when given). Under DDP the loss is over the global batch (features gathered)."""
         image_features = self.clip.encode_images(images)
-        template = randomness.randint(len(self.templates), generators, len(labels), labels.device)
+        template = randomness.randint(len(self.templates), rngs, len(labels), labels.device)
         text_features = self.encode_captions()[labels * len(self.templates) + template]
         image_features, text_features = gather_global(self, image_features), gather_global(self, text_features)
         labels = gather_global(self, labels)
@@ -140,12 +141,19 @@ class ClipTrainer(L.LightningModule):
         terms = {"image_to_text": image_to_text, "text_to_image": text_to_image}
         return {name: terms[name] for name in self.weights}
 
+    def training_loss(self, images: torch.Tensor, labels: torch.Tensor,
+                      rngs: list[torch.Generator] | None = None
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The back-propagated total (the weighted sum of the terms) and the named terms (see ``loss_terms``)."""
+        terms = self.loss_terms(images, labels, rngs)
+        return sum(self.weights[name] * term for name, term in terms.items()), terms
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images, labels, _ = unpack_batch(batch)
         if labels.ndim != 1:
-            raise ValueError("ClipTrainer needs integer labels; turn off the DataModule's batch_mix.")
-        terms = self.loss_terms(images, labels, randomness.batch_generators(batch, "lbgen-clip", self.seed))
-        loss = sum(self.weights[name] * term for name, term in terms.items())
+            raise ValueError("ClipSystem needs integer labels; turn off the DataModule's batch_mix.")
+        rngs = randomness.batch_rngs(batch, "lbgen-clip", self.seed)
+        loss, terms = self.training_loss(images, labels, rngs)
         ensure_finite(terms, self.global_step)
         for name, term in terms.items():
             self.log(f"train/{name}", term, batch_size=len(images))
@@ -196,8 +204,7 @@ class ClipTrainer(L.LightningModule):
         return folder
 
     def on_train_end(self) -> None:
-        log_dir = self.trainer.log_dir  # a collective under DDP: every process must ask
-        if self.trainer.is_global_zero and (self.output_dir or log_dir):
-            folder = self.save(Path(self.output_dir or Path(log_dir) / "clip"))
+        folder = save_on_rank_zero(self.trainer, self.output_dir, "clip", self.save)
+        if folder is not None:
             rank_zero_info(f"CLIP saved to {folder}; load it with ClipScorer(model_name='local-dir:{folder}', "
                            "pretrained=None)")

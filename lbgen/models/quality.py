@@ -20,9 +20,10 @@ from torchmetrics.utilities import dim_zero_cat
 from lbgen.components import randomness
 from lbgen.components.distortions import DISTORTIONS, distort_each
 from lbgen.components.randomness import derive_seed
+from lbgen.distributed import gather_global, save_on_rank_zero
 from lbgen.losses.quality import QUALITY_CONFIG_FILE, QUALITY_WEIGHTS_FILE, QualityLoss
-from lbgen.models.classifier import unpack_batch
-from lbgen.models.optim import configure_optimizers, ensure_finite, gather_global
+from lbgen.models.batches import unpack_batch
+from lbgen.models.optim import configure_optimizers, ensure_finite
 from lbgen.storage.files import atomic_write, atomic_write_json
 
 
@@ -76,7 +77,7 @@ def batch_seed(base: int, stage: str, step: int, rank: int) -> int:
     return derive_seed("lbgen-quality", base, stage, step, rank)
 
 
-class QualityTrainer(L.LightningModule):
+class QualitySystem(L.LightningModule):
     """Train the network of a pyiqa no-reference metric to rank images by how damaged they are.
 
     Each training image is shown twice, each time with a random kind of distortion (blur, noise, JPEG, pixelation)
@@ -125,11 +126,12 @@ class QualityTrainer(L.LightningModule):
         score = self.quality.score(images)
         return -score if self.quality.lower_better else score
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        images, _, _ = unpack_batch(batch)
+    def training_loss(self, images: torch.Tensor, rngs: list[torch.Generator] | None = None
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The back-propagated total and its one named term, ``ranking``: each image shown twice, each copy with a
+        random distortion (drawn from the image's own generator when given, else seeded by step and process)."""
         n = len(images)
-        generators = randomness.batch_generators(batch, "lbgen-quality", self.seed)
-        if generators is None:  # a DataModule without sample keys: one draw per step and process
+        if rngs is None:  # a DataModule without sample keys: one draw per step and process
             generator = torch.Generator().manual_seed(batch_seed(self.seed, "train", self.global_step,
                                                                  self.global_rank))
             kinds = torch.randint(len(self.distortions), (2 * n,), generator=generator)
@@ -138,7 +140,7 @@ class QualityTrainer(L.LightningModule):
                                    generator)
         else:  # each sample's two damaged copies from its own generator: the same with any number of processes
             levels, copies = [], []
-            for image, generator in zip(images, generators, strict=True):
+            for image, generator in zip(images, rngs, strict=True):
                 kind = torch.randint(len(self.distortions), (2,), generator=generator)
                 level = torch.randint(self.num_levels + 1, (2,), generator=generator)
                 copies.append(distort_each(image.expand(2, -1, -1, -1), kind, level, self.distortions,
@@ -149,8 +151,13 @@ class QualityTrainer(L.LightningModule):
         scores = gather_global(self, self.score(damaged))
         levels = gather_global(self, levels.to(self.device))
         loss = pairwise_ranking_loss(scores, levels, self.margin)
-        ensure_finite({"ranking": loss}, self.global_step)
-        self.log("train/ranking", loss, prog_bar=True, batch_size=n)
+        return loss, {"ranking": loss}
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images, _, _ = unpack_batch(batch)
+        loss, terms = self.training_loss(images, randomness.batch_rngs(batch, "lbgen-quality", self.seed))
+        ensure_finite(terms, self.global_step)
+        self.log("train/ranking", loss, prog_bar=True, batch_size=len(images))
         return loss
 
     def _evaluate(self, batch: Any, batch_idx: int, metrics: torch.nn.ModuleDict, stage: str) -> None:
@@ -203,8 +210,7 @@ class QualityTrainer(L.LightningModule):
         return folder
 
     def on_train_end(self) -> None:
-        log_dir = self.trainer.log_dir  # a collective under DDP: every process must ask
-        if self.trainer.is_global_zero and (self.output_dir or log_dir):
-            folder = self.save(Path(self.output_dir or Path(log_dir) / "quality"))
+        folder = save_on_rank_zero(self.trainer, self.output_dir, "quality", self.save)
+        if folder is not None:
             rank_zero_info(f"Quality model saved to {folder}; load it with QualityLoss(metric="
                            f"'{self.quality.metric_name}', checkpoint='{folder}')")

@@ -14,12 +14,15 @@ from lbgen.components import randomness
 from lbgen.components.clip import ClipScorer
 from lbgen.components.diffusion import GeneratorSource
 from lbgen.components.lora import UNET_TARGETS, add_lora, save_lora
+from lbgen.components.prompts import fill_caption
 from lbgen.components.randomness import derive_seed
 from lbgen.components.sampling import make_sampler, sample_latents
+from lbgen.datamodules.base import class_names_of
+from lbgen.distributed import save_on_rank_zero
 from lbgen.losses.alignment import DatasetAlignmentLoss, InstanceAlignmentLoss
 from lbgen.losses.quality import QualityLoss
 from lbgen.models.optim import ensure_finite
-from lbgen.models.text_to_image import class_caption, low_precision_setup
+from lbgen.models.precision import low_precision_setup
 
 
 def sample_seeds(base: Any, epoch: int, indices: torch.Tensor) -> list[int]:
@@ -28,7 +31,7 @@ def sample_seeds(base: Any, epoch: int, indices: torch.Tensor) -> list[int]:
     return [derive_seed("lbgen-sample", base, epoch, int(i)) for i in indices.tolist()]
 
 
-class LbGenTrainer(L.LightningModule):
+class LbGenSystem(L.LightningModule):
     """lbGen: make a generator's images follow the *language* space of the class names (a low-bias dataset).
 
     Each step samples class names (from ``ClassNamesDataModule``), runs the sampler with guidance keeping gradients
@@ -147,7 +150,7 @@ class LbGenTrainer(L.LightningModule):
         # checkpoints hold what trains (LoRA, discriminator) and the step; the frozen models come from their sources
         self.strict_loading = False
         self._check_trainable()
-        rank_zero_info(f"LbGenTrainer: terms {self.weights}, {self.num_trainable('unet'):,} LoRA parameters, "
+        rank_zero_info(f"LbGenSystem: terms {self.weights}, {self.num_trainable('unet'):,} LoRA parameters, "
                        f"K={grad_steps} of {num_inference_steps} steps")
 
     def clip_dim(self) -> int:
@@ -171,9 +174,9 @@ class LbGenTrainer(L.LightningModule):
         frozen_judges += [self.quality] if self.quality is not None else []
         low_precision_setup(self, [self.vae, self.text_encoder, self.unet, *frozen_judges], lora=True)
         if self.class_names is None:
-            self.class_names = getattr(getattr(self.trainer, "datamodule", None), "class_names", None)
+            self.class_names = class_names_of(self.trainer)
         if self.class_names is None:
-            raise ValueError("LbGenTrainer needs class names: use ClassNamesDataModule (linked by the CLI).")
+            raise ValueError("LbGenSystem needs class names: use ClassNamesDataModule (linked by the CLI).")
 
     def configure_optimizers(self) -> Any:
         lora = [p for n, p in self.unet.named_parameters() if p.requires_grad]
@@ -201,19 +204,19 @@ class LbGenTrainer(L.LightningModule):
         """Images in [0, 1] for class ``labels``; differentiable w.r.t. the LoRA through the last K steps.
 
         ``seed``: one seed for the batch, or one per image (then each image's noise is its own)."""
-        prompts = [class_caption(self.prompt_template, self.class_names[int(c)]) for c in labels]
+        prompts = [fill_caption(self.prompt_template, self.class_names[int(c)]) for c in labels]
         cond = self.encode_prompts(prompts)
         uncond = self.encode_prompts([""]).expand_as(cond) if self.guidance_scale > 1 else None
         channels, size = self.unet.config.in_channels, self.unet.config.sample_size
         if isinstance(seed, int):
-            generator = torch.Generator().manual_seed(seed)
-            latents = torch.randn(len(labels), channels, size, size, generator=generator).to(self.device)
+            rng = torch.Generator().manual_seed(seed)
+            latents = torch.randn(len(labels), channels, size, size, generator=rng).to(self.device)
         else:
-            generator = [torch.Generator().manual_seed(s) for s in seed]
-            latents = randomness.randn((len(labels), channels, size, size), generator, self.device)
+            rng = [torch.Generator().manual_seed(s) for s in seed]
+            latents = randomness.randn((len(labels), channels, size, size), rng, self.device)
         latents = latents * self.sampler.init_noise_sigma
         latents = sample_latents(self.unet, self.sampler, latents, cond, uncond, self.guidance_scale,
-                                 self.num_inference_steps, self.grad_steps, self.gradient_checkpointing, generator)
+                                 self.num_inference_steps, self.grad_steps, self.gradient_checkpointing, rng)
         z = (latents / self.vae.config.scaling_factor).to(self.vae.dtype)
         if self.gradient_checkpointing and torch.is_grad_enabled():
             images = torch.utils.checkpoint.checkpoint(lambda v: self.vae.decode(v).sample, z, use_reentrant=False)
@@ -222,7 +225,7 @@ class LbGenTrainer(L.LightningModule):
         return ((images.float() + 1) / 2).clamp(0, 1)
 
     def class_text_features(self) -> torch.Tensor:
-        return self.clip.encode_texts([class_caption(self.clip_template, c) for c in self.class_names])
+        return self.clip.encode_texts([fill_caption(self.clip_template, c) for c in self.class_names])
 
     def loss_terms(self, images: torch.Tensor, labels: torch.Tensor,
                    image_features: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -233,6 +236,15 @@ class LbGenTrainer(L.LightningModule):
             "q": lambda: self.quality(images),
         }
         return {name: builders[name]() for name in self.weights}
+
+    def training_loss(self, images: torch.Tensor, labels: torch.Tensor, image_features: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The generator step's loss: the weighted sum of every term that is back-propagated, and the named terms.
+
+        The one place the total is made: ``training_step`` back-propagates exactly this total, and the tests check
+        each term's gradient on it (the official code back-propagates only L_en)."""
+        terms = self.loss_terms(images, labels, image_features)
+        return sum(self.weights[name] * term for name, term in terms.items()), terms
 
     # --- training -----------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -258,8 +270,7 @@ class LbGenTrainer(L.LightningModule):
 
         if train_generator:
             self.toggle_optimizer(g_opt)
-            terms = self.loss_terms(images, labels, features)
-            loss = sum(self.weights[name] * term for name, term in terms.items())
+            loss, terms = self.training_loss(images, labels, features)
             ensure_finite(terms, step)
             g_opt.zero_grad()
             self.manual_backward(loss)
@@ -294,7 +305,6 @@ class LbGenTrainer(L.LightningModule):
         return save_lora(folder, self.unet)
 
     def on_train_end(self) -> None:
-        log_dir = self.trainer.log_dir  # a collective under DDP: every process must ask
-        if self.trainer.is_global_zero and (self.output_dir or log_dir):
-            path = self.save(Path(self.output_dir or Path(log_dir) / "lora"))
+        path = save_on_rank_zero(self.trainer, self.output_dir, "lora", self.save)
+        if path is not None:
             rank_zero_info(f"lbGen LoRA saved to {path}")
