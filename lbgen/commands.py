@@ -2,7 +2,8 @@
 
 ``fit`` / ``validate`` / ``test`` / ``predict`` are LightningCLI's (``lbgen.cli``), ``export`` copies a generated
 dataset to plain files, ``experiment`` runs an experiment's stages (``lbgen.experiment``, which runs the stage verbs
-through ``lbgen.cli``), ``summary`` tabulates tested runs. A bad input stops with lbgen's one-line message and exit
+through ``lbgen.cli``), ``summary`` tabulates tested runs, ``shard-folder`` writes an image folder as
+shards (``lbgen.storage.real_shards``). A bad input stops with lbgen's one-line message and exit
 code 1; ``LBGEN_DEBUG=1`` (or ``--debug`` right after ``lbgen``) shows the traceback too. Bugs always show theirs.
 """
 
@@ -29,6 +30,54 @@ def summary(words: list[str]) -> None:
     print(accuracy_table(accuracy_rows(Path.cwd(), rows), baseline=None))
 
 
+def shard_folder(words: list[str]) -> None:
+    """``lbgen shard-folder IMAGE_DIR OUT_DIR [--shard-size N] [--shard-max-mb M] [--processes N]``: an
+    ``ImageFolder``'s files as a real set of WebDataset shards (``lbgen.storage.real_shards``); rerun to resume."""
+    import argparse
+
+    from lbgen.storage.real_shards import shard_image_folder
+
+    parser = argparse.ArgumentParser(prog="lbgen shard-folder", description="Write IMAGE_DIR/<class>/<images> "
+                                     "into OUT_DIR as WebDataset shards (files stored as they are), resumable.")
+    parser.add_argument("image_dir", help="the ImageFolder: one sub-folder per class")
+    parser.add_argument("out_dir", help="a new or empty folder, or this set's folder to resume a killed run")
+    parser.add_argument("--shard-size", type=int, default=1000, help="files per shard, at most (default 1000)")
+    parser.add_argument("--shard-max-mb", type=float, default=None, help="MB per shard, at most (default: none)")
+    parser.add_argument("--processes", type=int, default=1, help="worker processes (default 1)")
+    args = parser.parse_args(words)
+    done = shard_image_folder(args.image_dir, args.out_dir, shard_size=args.shard_size,
+                              shard_max_mb=args.shard_max_mb, processes=args.processes)
+    print(f"{done['images']} images in {done['shards']} shards in {args.out_dir} ({done['written']} written now, "
+          f"{done['kept']} kept from before)")
+
+
+def imagefolder_from_labels(words: list[str]) -> None:
+    """``lbgen imagefolder-from-labels FLAT_DIR LABELS_FILE OUT_DIR [--mode hard|symlink|copy]``: lay a flat folder of
+    images out as an ImageFolder (ImageNet's validation set: the 50,000 JPEGs and LOC_val_solution.csv)."""
+    import argparse
+
+    from lbgen.datamodules.image_folder import imagefolder_from_labels as lay_out
+
+    parser = argparse.ArgumentParser(
+        prog="lbgen imagefolder-from-labels",
+        description="Lay a flat folder of images out as OUT_DIR/<label>/<file> (an ImageFolder, e.g. the test_dir "
+                    "of ImageFolderDataModule), by hard links (a copy where linking fails), symlinks or copies. "
+                    "Resumable: files already in OUT_DIR are skipped. A label for a file that is not in FLAT_DIR "
+                    "is refused before anything is made.")
+    parser.add_argument("flat_dir", help="the folder of images, e.g. ILSVRC/Data/CLS-LOC/val")
+    parser.add_argument("labels_file", help="LOC_val_solution.csv (ImageId,PredictionString: the label is the "
+                                            "first word, the synset), a 'file,label' CSV or 'file label' lines")
+    parser.add_argument("out_dir", help="the ImageFolder to make (not inside FLAT_DIR)")
+    parser.add_argument("--mode", choices=("hard", "symlink", "copy"), default="hard",
+                        help="how each image gets there (default: hard links, no extra space)")
+    args = parser.parse_args(words)
+    counts = lay_out(args.flat_dir, args.labels_file, args.out_dir, args.mode)
+    made = ", ".join(f"{n} {what}" for what, n in counts.items() if what not in ("classes", "unlabelled") and n)
+    print(f"{args.out_dir}: {counts['classes']} class folders; {made or 'nothing to do'}"
+          + (f"; {counts['unlabelled']} file(s) of {args.flat_dir} have no label and were left out"
+             if counts["unlabelled"] else ""))
+
+
 def experiment(words: list[str]) -> None:
     from lbgen.experiment import main as run_experiment
 
@@ -39,6 +88,8 @@ VERBS: dict[str, Callable[[list[str]], None]] = {
     **{verb: run_stage for verb in STAGE_VERBS},
     "experiment": experiment,
     "summary": summary,
+    "shard-folder": shard_folder,
+    "imagefolder-from-labels": imagefolder_from_labels,
 }
 """Every verb of ``lbgen`` (the stage verbs get the whole command line, their verb included)."""
 

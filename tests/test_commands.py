@@ -20,7 +20,8 @@ def _lbgen(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def test_every_verb_is_in_the_one_table():
-    assert set(commands.VERBS) == {*STAGE_VERBS, "experiment", "summary"}
+    assert set(commands.VERBS) == {*STAGE_VERBS, "experiment", "summary", "shard-folder",
+                                   "imagefolder-from-labels"}
     with pytest.raises(SystemExit, match="unknown command 'fitt'"):
         commands.main(["fitt"])
 

@@ -194,13 +194,13 @@ def test_channels_last_gives_the_images_within_a_level(tiny_generator, fmnist_fi
 def test_synthetic_images_are_decoded_once_not_per_epoch(tiny_generator, fmnist_fixture, tmp_path, monkeypatch):
     generate(tiny_generator, fmnist_fixture, tmp_path / "syn", images_per_class=2)
     decoded: list[str] = []
-    original = synthetic_module.decode_png
+    original = synthetic_module.decode_image
 
-    def counting(data, shard, image_id, image_size):
+    def counting(data, shard, image_id, image_size, member="png"):
         decoded.append(image_id)
-        return original(data, shard, image_id, image_size)
+        return original(data, shard, image_id, image_size, member)
 
-    monkeypatch.setattr(synthetic_module, "decode_png", counting)
+    monkeypatch.setattr(synthetic_module, "decode_image", counting)
     real = FashionMNISTDataModule(root=str(fmnist_fixture), shots=2, image_size=16, batch_size=8)
     synthetic = SyntheticDataModule(str(tmp_path / "syn"), image_size=16, batch_size=8)
     mixed = MixedDataModule(real, synthetic)

@@ -19,17 +19,36 @@ from lbgen.storage.dataset_format import (
     RUN_FILE,
     SHARD_DIR,
     complete_shards,
+    encode_image,
     new_shard_tag,
     png_bytes,
     read_index,
     remove_partial_shards,
+    resize_image,
+    sample_tar_bytes,
+    shard_byte_limit,
     shard_name,
+    storage_record,
     write_manifest,
     write_run,
     write_shard,
 )
 
 _STOP = object()
+
+
+def request_differences(previous: dict[str, Any], current: dict[str, Any]) -> str:
+    """The request settings two run descriptions differ in, as a sentence ("" if none), with the fix for a set
+    written before ``request_order`` existed (class-major, no such key)."""
+    old, new = previous.get("requests"), current.get("requests")
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return ""
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if not keys:
+        return ""
+    hint = (" The set was written in class-major order: resume it with request_order: class."
+            if "request_order" in keys and "request_order" not in old else "")
+    return f" In requests: {keys}.{hint}"
 
 
 class BackgroundWorker:
@@ -91,26 +110,39 @@ class BackgroundWorker:
 
 
 class SyntheticDatasetWriter(BasePredictionWriter):
-    """Write generated images into ``output_dir/shards/*.tar`` (``<id>.json`` + ``<id>.png``) and a manifest.
+    """Write generated images into ``output_dir/shards/*.tar`` (``<id>.json`` + ``<id>.png``, or ``.webp`` /
+    ``.jpg``) and a manifest.
 
     Each process writes its own shards; a shard is renamed into place, then its index (``.jsonl``) — a shard
     without an index is partial and is removed on the next run. On a rerun, requests already in complete shards
     are skipped, so a killed run finishes with exactly the images of an uninterrupted one. At the end, rank 0
     writes ``manifest.jsonl``: one record per image, sorted by request id.
 
-    PNG encoding and shard writing run in a background thread (``BackgroundWorker``), overlapped with the next
+    A shard is closed once it holds ``shard_size`` images, or before the next image would take it past
+    ``shard_max_mb``: the boundaries depend only on the request order and the encoded bytes, never on timing, so a
+    resumed run still gives every image's bytes of an uninterrupted one. Images are stored resized to ``save_size``
+    (if set) and as PNG, WebP or JPEG; these choices (``storage_record``) and ``shard_max_mb`` go into ``run.json``
+    (only when not the default, so older sets keep their description), a resume with others is refused.
+
+    Resizing, encoding and shard writing run in a background thread (``BackgroundWorker``), overlapped with the next
     batch's generation; the files and their order are the same as when written inline. The thread's errors are
     raised in the main thread at the next batch or at the end; the epoch end and a SIGTERM wait for it.
 
     Args:
         output_dir: the dataset folder.
-        shard_size: images per shard.
+        shard_size: images per shard, at most.
         generator_record: generator fields copied into every record (id, LoRA hash, steps, guidance, ...).
         max_pending_batches: generated batches that may wait for the writer (0: write in the main thread).
+        shard_max_mb: bytes per shard at most, in MB (10^6 bytes; one image larger than that gets a shard of its
+            own); None: by image count only.
+        image_format: ``png`` (exact), ``webp`` or ``jpeg``.
+        image_quality: WebP / JPEG quality, 1 to 100 (default 90).
+        save_size: store images resized to this side (PIL bicubic, antialiased); None: as generated.
     """
 
     def __init__(self, output_dir: Path, shard_size: int, generator_record: dict[str, Any],
-                 max_pending_batches: int = 4) -> None:
+                 max_pending_batches: int = 4, shard_max_mb: float | None = None, image_format: str = "png",
+                 image_quality: int | None = None, save_size: int | None = None) -> None:
         super().__init__(write_interval="batch")
         if shard_size <= 0:
             raise ValueError(f"shard_size must be positive, got {shard_size}.")
@@ -118,6 +150,9 @@ class SyntheticDatasetWriter(BasePredictionWriter):
             raise ValueError(f"max_pending_batches must be 0 (inline) or positive, got {max_pending_batches}.")
         self.output_dir, self.shard_size, self.generator_record = Path(output_dir), shard_size, generator_record
         self.max_pending_batches = max_pending_batches
+        self.shard_max_mb, self.max_bytes = shard_max_mb, shard_byte_limit(shard_max_mb)
+        self.storage = storage_record(image_format, image_quality, save_size)
+        self._bytes = 0  # the tar bytes of the shard being filled
         self._buffer: list[tuple[bytes, dict[str, Any]]] = []  # touched by the worker only, or after wait()
         self._done: set[str] = set()
         self._tag = ""
@@ -130,22 +165,27 @@ class SyntheticDatasetWriter(BasePredictionWriter):
         (self.output_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
         datamodule = trainer.datamodule
         run = {"requests": datamodule.describe() if hasattr(datamodule, "describe") else None,
-               **self.generator_record}
+               **self.generator_record, **self.storage}
+        if self.shard_max_mb is not None:
+            run["shard_max_mb"] = self.shard_max_mb
         if str(trainer.precision) not in ("32-true", "32"):
             # bf16 / fp16 images differ from fp32 ones: a resume must not mix them (fp32 runs keep their run.json)
             run["precision"] = str(trainer.precision)
         run_file = self.output_dir / RUN_FILE
         if run_file.is_file():
             previous = json.loads(run_file.read_text())
-            if previous != json.loads(json.dumps(run)):
-                changed = sorted(k for k in set(previous) | set(run) if previous.get(k) != run.get(k))
+            current = json.loads(json.dumps(run))
+            if previous != current:
+                changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
                 raise ValueError(f"{self.output_dir} holds a generation run with other settings (differs in "
-                                 f"{changed}). Use another output_dir, or the original settings to resume.")
+                                 f"{changed}).{request_differences(previous, current)} Use another output_dir, or "
+                                 "the original settings to resume.")
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             write_run(self.output_dir, run)
             remove_partial_shards(self.output_dir)
         trainer.strategy.barrier()
+        self._buffer, self._bytes, self._count = [], 0, 0
         self._done = {record["id"] for shard in complete_shards(self.output_dir) for record in read_index(shard)}
         if self._done:
             rank_zero_info(f"Resuming generation in {self.output_dir}: {len(self._done)} images already done.")
@@ -176,9 +216,22 @@ class SyntheticDatasetWriter(BasePredictionWriter):
                 continue
             record = {k: v for k, v in request.items() if k not in INTERNAL_KEYS}
             record.update(self.generator_record)
-            self._buffer.append((png_bytes(image), record))
-        if len(self._buffer) >= self.shard_size:
-            self._flush()
+            record.update(self.storage)
+            data = self._encode(image)
+            size = sample_tar_bytes(len(data), record)
+            if self._buffer and self.max_bytes is not None and self._bytes + size > self.max_bytes:
+                self._flush()
+            self._buffer.append((data, record))
+            self._bytes += size
+            if len(self._buffer) >= self.shard_size:
+                self._flush()
+
+    def _encode(self, image: Any) -> bytes:
+        if "save_size" in self.storage:
+            image = resize_image(image, self.storage["save_size"])
+        if "image_format" not in self.storage:
+            return png_bytes(image)
+        return encode_image(image, self.storage["image_format"], self.storage["image_quality"])
 
     def _drain(self) -> None:
         """Wait until the background thread has written every submitted batch (raises its error, if any)."""
@@ -195,7 +248,7 @@ class SyntheticDatasetWriter(BasePredictionWriter):
             return
         write_shard(self.output_dir / SHARD_DIR / shard_name(self._tag, self._count), self._buffer)
         self._done.update(r["id"] for _, r in self._buffer)
-        self._buffer, self._count = [], self._count + 1
+        self._buffer, self._bytes, self._count = [], 0, self._count + 1
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._drain()

@@ -263,11 +263,16 @@ class ImageClassificationDataModule(L.LightningDataModule):
         if trainer is not None and trainer.is_global_zero and run_dir and not trainer.fast_dev_run:
             self.save_split(run_dir)
 
+    def collate(self, train: bool) -> Any:
+        """The collate function of training (CutMix / MixUp when asked) or evaluation batches."""
+        if train and self.batch_mix != "none":
+            return MixCollate(self.batch_mix, self.num_classes, self.mix_alpha)
+        return default_collate
+
     def loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
         """A loader of ``dataset`` (samples of this DataModule, or a wrapper of them such as captioned samples) as
         this DataModule loads its own: training order seeded and split by process, evaluation every sample once."""
-        collate = (MixCollate(self.batch_mix, self.num_classes, self.mix_alpha)
-                   if train and self.batch_mix != "none" else default_collate)
+        collate = self.collate(train)
         sampler: DistributedSampler | None = None
         if train:
             # one seeded global order per epoch, split by rank: the same global batches with any number of

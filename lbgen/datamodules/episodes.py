@@ -6,6 +6,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from lbgen.datamodules.base import ImageClassificationDataModule
+from lbgen.datamodules.class_names import check_same_classes
 from lbgen.datamodules.synthetic import SyntheticDataModule
 
 
@@ -22,8 +23,8 @@ class EpisodeDataModule(L.LightningDataModule):
     def __init__(self, real: ImageClassificationDataModule, synthetic: SyntheticDataModule | None = None) -> None:
         super().__init__()
         if synthetic is not None:
-            if synthetic.class_names != real.class_names:
-                raise ValueError(f"Synthetic classes {synthetic.class_names} differ from real {real.class_names}.")
+            check_same_classes(real.class_names, synthetic.class_names, "real", "synthetic",
+                               "use the dataset generated for the real data's classes, in their order.")
             synthetic.predict_split = "train"
         self.real, self.synthetic = real, synthetic
 

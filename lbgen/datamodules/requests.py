@@ -1,8 +1,8 @@
 """Generation requests: (classes, images per class, method, base seed) expanded into per-image records.
 
 Every request has a seed derived from (base seed, class, index) only, and requests are grouped into fixed chunks
-in a canonical order, each chunk generated as one batch. So a request yields the same image whatever the number
-of processes, and a resumed run recomputes exactly the chunks an uninterrupted run would have.
+in a canonical order (``request_order``), each chunk generated as one batch. So a request yields the same image
+whatever the number of processes, and a resumed run recomputes exactly the chunks an uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -18,10 +18,16 @@ from torch.utils.data import DataLoader, Dataset
 from lbgen.attributes.bank import AttributeBank, AttributeMode, template_uses_attributes
 from lbgen.components.prompts import fill_caption
 from lbgen.datamodules.base import ImageClassificationDataModule
+from lbgen.datamodules.class_names import check_same_classes, read_class_names
 from lbgen.storage.dataset_format import request_id, request_seed
 from lbgen.storage.files import read_json
 
 Method = Literal["txt2img", "img2img", "genie"]
+RequestOrder = Literal["interleaved", "class"]
+REQUEST_ORDERS = ("interleaved", "class")
+"""``interleaved``: index-major (image 0 of every class, then image 1, ...): every chunk, so every process's
+shards, spans many classes, as shard-level shuffling when streaming needs; ``class``: class-major (all images of
+class 0, then class 1, ...), the order of every set written before ``request_order`` existed."""
 DEFAULT_STRENGTH = {"txt2img": None, "img2img": 0.5, "genie": 0.8}
 """Each method's noise ratio r when ``strength`` is not given."""
 RETIRED_METHODS = {"img2img_low": 0.3, "img2img_high": 0.7}
@@ -63,6 +69,11 @@ class GenerationRequestsDataModule(L.LightningDataModule):
 
     Args:
         class_names: classes to generate for; default: those of ``source_data``.
+        class_names_file: or a class file instead of ``class_names`` (``lbgen.datamodules.class_names.
+            read_class_file``): one name per line, or a class map ``folder<TAB>name`` / JSON ``{folder: name}`` /
+            ImageNet's ``LOC_synset_mapping.txt`` whose names are taken in sorted-folder order (the real
+            ImageFolder's class order), e.g. ``configs/lbgen/imagenet_class_map.txt``.
+        first_name_only: keep each name from ``class_names_file`` up to its first comma (``tench, Tinca tinca``).
         source_data: the real DataModule whose training split gives img2img / GeNIe sources.
         images_per_class: images per class (> 0).
         classes: generate only these class indices (default: all).
@@ -85,11 +96,16 @@ class GenerationRequestsDataModule(L.LightningDataModule):
         descriptor: fills ``{descriptor}``; default the bank's.
         batch_size: requests per generation batch (fixed chunks; keep it when resuming a run).
         num_workers: DataLoader workers.
+        request_order: the order requests are chunked in (``REQUEST_ORDERS``); seeds and ids do not depend on it.
+            Recorded in ``run.json`` unless ``class`` (so sets written before keep their description and resume
+            with ``request_order: class``).
     """
 
     def __init__(
         self,
         class_names: list[str] | None = None,
+        class_names_file: str | None = None,
+        first_name_only: bool = False,
         source_data: ImageClassificationDataModule | None = None,
         images_per_class: int = 100,
         classes: list[int] | None = None,
@@ -107,6 +123,7 @@ class GenerationRequestsDataModule(L.LightningDataModule):
         descriptor: str | None = None,
         batch_size: int = 16,
         num_workers: int = 0,
+        request_order: RequestOrder = "interleaved",
     ) -> None:
         super().__init__()
         if method in RETIRED_METHODS:
@@ -126,16 +143,20 @@ class GenerationRequestsDataModule(L.LightningDataModule):
                              f"the {method!r} preset.")
         if method != "txt2img" and source_data is None:
             raise ValueError(f"method {method!r} needs source images: set source_data to a real DataModule.")
+        if class_names_file is not None:
+            # one reader for every DataModule (it also refuses class_names given beside the file)
+            class_names = read_class_names(class_names, class_names_file, first_name_only)
         if class_names is None:
             if source_data is None:
-                raise ValueError("Give class_names or a source_data DataModule to take them from.")
+                raise ValueError("Give class_names, class_names_file or a source_data DataModule to take them from.")
             class_names = source_data.class_names
         if len(set(class_names)) != len(class_names):
             dup = sorted({n for n in class_names if class_names.count(n) > 1})
             raise ValueError(f"Duplicate class names {dup}: every class needs a distinct name for its prompt; rename "
                              "them (e.g. add a qualifier: 'crane (bird)', 'crane (machine)').")
-        if source_data is not None and source_data.class_names != list(class_names):
-            raise ValueError("class_names differ from source_data's classes; leave class_names unset.")
+        if source_data is not None:
+            check_same_classes(source_data.class_names, list(class_names), "source_data", "class_names",
+                               "leave class_names and class_names_file unset (they come from source_data).")
         if genie_sources == "confusion" and not confusion_file:
             raise ValueError("genie_sources='confusion' needs confusion_file (confusion_matrix.json of a test run).")
         if attribute_mode not in ("none", "bob", "conditioned"):
@@ -160,6 +181,9 @@ class GenerationRequestsDataModule(L.LightningDataModule):
         self.prompt_template, self.superclass, self.negative_prompt = prompt_template, superclass, negative_prompt
         self.genie_sources, self.confusion_file, self.top_k = genie_sources, confusion_file, top_k
         self.batch_size, self.num_workers = batch_size, num_workers
+        if request_order not in REQUEST_ORDERS:
+            raise ValueError(f"request_order must be one of {list(REQUEST_ORDERS)}, got {request_order!r}.")
+        self.request_order = request_order
         self._skip: set[str] = set()
         self.dataset: RequestChunks | None = None
         self._chunks: list[list[dict[str, Any]]] = []
@@ -175,7 +199,9 @@ class GenerationRequestsDataModule(L.LightningDataModule):
                 "prompt_template": self.prompt_template, "superclass": self.superclass,
                 "negative_prompt": self.negative_prompt, "genie_sources": self.genie_sources,
                 "top_k": self.top_k, "batch_size": self.batch_size, "attribute_mode": self.attribute_mode,
-                "attribute_bank_sha256": self.bank.digest() if self.bank else None, "descriptor": self.descriptor}
+                "attribute_bank_sha256": self.bank.digest() if self.bank else None, "descriptor": self.descriptor,
+                # absent for class-major: the description of every set written before the option stays the same
+                **({"request_order": self.request_order} if self.request_order != "class" else {})}
 
     def skip(self, done_ids: set[str]) -> None:
         """Leave out chunks whose requests are all done (called by the dataset writer when resuming)."""
@@ -206,7 +232,7 @@ class GenerationRequestsDataModule(L.LightningDataModule):
         return matrix
 
     def requests(self) -> list[dict[str, Any]]:
-        """All requests in canonical order (class-major)."""
+        """All requests in canonical order: ``request_order``'s (each request the same in either order)."""
         sources = None
         if self.method != "txt2img":
             split = self.source_data.split  # loads the real pool
@@ -242,6 +268,8 @@ class GenerationRequestsDataModule(L.LightningDataModule):
                             "index": i, "prompt": prompt, "negative_prompt": self.negative_prompt, "seed": seed,
                             "method": self.method, "strength": self.strength, "source_class": source_class,
                             "source_position": source_position, "source_id": source_id, **attributes})
+        if self.request_order == "interleaved":
+            out.sort(key=lambda r: r["index"])  # stable: within an index, the classes keep their order
         return out
 
     def setup(self, stage: str) -> None:

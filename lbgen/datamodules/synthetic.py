@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -11,17 +11,46 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, default_collate
 
-from lbgen.datamodules.base import SYNTHETIC, ClassificationDataset, ImageClassificationDataModule, TensorImageSource
-from lbgen.datamodules.order import KeyedDataset, SeededDistributedSampler
+from lbgen.datamodules.base import (
+    REAL,
+    SYNTHETIC,
+    ClassificationDataset,
+    ImageClassificationDataModule,
+    TensorImageSource,
+)
+from lbgen.datamodules.class_names import check_same_classes
+from lbgen.datamodules.order import KeyedDataset, SeededDistributedSampler, global_seed, world
+from lbgen.datamodules.streaming import (
+    MixedStream,
+    ShardIndex,
+    StreamingDataset,
+    StreamingLoader,
+    index_folder,
+)
 from lbgen.datamodules.transforms import augmentation_preset, eval_transform
-from lbgen.storage.dataset_format import RUN_FILE, load_images, read_manifest
+from lbgen.storage.dataset_format import (
+    MANIFEST_FILE,
+    RUN_FILE,
+    load_images,
+    read_manifest,
+    read_run,
+    run_class_names,
+    run_kind,
+)
 from lbgen.storage.files import read_json
+
+Mode = Literal["auto", "memory", "stream"]
 
 
 class SyntheticDataModule(ImageClassificationDataModule):
-    """A generated dataset (``manifest.jsonl`` + shards) as training data; every sample has ``source=SYNTHETIC``.
+    """A generated dataset (``manifest.jsonl`` + shards) as training data; its samples have ``source=SYNTHETIC``
+    (``REAL`` for a real set written by ``lbgen shard-folder``: real shards read the same way).
 
-    Images are decoded once at set-up and kept in memory (about 3 KB per 32x32 image).
+    Two ways to read it (``mode``): ``memory`` decodes every image once at set-up and keeps it (3 KB per 32x32
+    image: the fastest for small sets); ``stream`` keeps a 12-byte index entry per image and streams the shards in
+    the loader workers (``lbgen.datamodules.streaming``: memory per process does not grow with the set; each
+    training epoch reads every image once over all processes, less fewer than one per process). ``auto`` streams
+    when the decoded set would exceed ``memory_limit_gb`` per process, and logs which and why.
 
     Args:
         folder: the generation run's ``output_dir``, or a list of them to train on their union (for example
@@ -30,43 +59,91 @@ class SyntheticDataModule(ImageClassificationDataModule):
             view).
         view: read only the images of a filtered view, ``views/<view>.json`` (written by ``ScoringSystem``,
             e.g. ``clip_filtered``), in every folder; None: every generated image.
+        mode: ``auto``, ``memory`` or ``stream``.
+        memory_limit_gb: ``auto`` streams above this decoded size per process.
+        shuffle_buffer: samples in each loader worker's shuffle buffer (``stream``).
+        skip_bad_samples: skip an undecodable image with a warning naming it instead of stopping (``stream``).
         **kwargs: loader and augmentation options of ``ImageClassificationDataModule`` (``predict_split: train``
             makes ``lbgen predict`` read every image, as the scorer does).
     """
 
     def __init__(self, folder: str | list[str], max_per_class: int | None = None, view: str | None = None,
-                 **kwargs) -> None:
+                 mode: Mode = "auto", memory_limit_gb: float = 4.0, shuffle_buffer: int = 2000,
+                 skip_bad_samples: bool = False, **kwargs) -> None:
         super().__init__(max_per_class=max_per_class, **kwargs)
+        if mode not in ("auto", "memory", "stream"):
+            raise ValueError(f"mode must be 'auto', 'memory' or 'stream', got {mode!r}.")
+        if shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be >= 0 (0 or 1: no buffer), got {shuffle_buffer}.")
         folders = [folder] if isinstance(folder, (str, Path)) else list(folder)
         if not folders:
             raise ValueError("SyntheticDataModule needs at least one dataset folder.")
         if len({str(Path(f).resolve()) for f in folders}) < len(folders):
             raise ValueError(f"Dataset folders {folders} repeat a folder: its images would count twice.")
         self.folders, self.view = [Path(f) for f in folders], view
-        self.parts: list[tuple[Path, list[dict[str, Any]]]] = []
-        for path in self.folders:
-            run, records = read_manifest(path)
-            names = (run.get("requests") or {}).get("class_names")
-            if not names:  # read_manifest checked their form when present
+        self.shuffle_buffer, self.skip_bad_samples = shuffle_buffer, skip_bad_samples
+        runs = [read_run(path) for path in self.folders]
+        names = [run_class_names(run) for run in runs]
+        for path, own in zip(self.folders, names, strict=True):
+            if not own:  # read_run checked their form when present
                 raise ValueError(f"{path / RUN_FILE} does not name its classes (requests.class_names); it was not "
                                  "written by lbgen's generation stage: regenerate the dataset.")
-            if self.parts and list(names) != self._names:
-                raise ValueError(f"{path} was generated for classes {names}, {self.folders[0]} for {self._names}: "
-                                 "datasets trained on together must share one class list.")
-            if not self.parts:  # the first folder's run description (the others share its classes)
-                self.run = run
-            self._names = list(names)
-            if view is not None:
-                records = self._apply_view(path, records, view)
-            if max_per_class is not None:
-                kept, seen = [], {}
-                for r in sorted(records, key=lambda r: (r["class_index"], r.get("index", 0))):
-                    if seen.get(r["class_index"], 0) < max_per_class:
-                        kept.append(r)
-                        seen[r["class_index"]] = seen.get(r["class_index"], 0) + 1
-                records = kept
-            self.parts.append((path, records))
-        self.records = [r for _, records in self.parts for r in records]
+            check_same_classes(names[0], own, str(self.folders[0]), str(path),
+                               "datasets trained on together must share one class list.")
+        self.run, self._names = runs[0], list(names[0])
+        # a real set in shards (lbgen shard-folder) reads like a generated one; its samples say source REAL
+        self.sources = [REAL if run_kind(run) == "real" else SYNTHETIC for run in runs]
+        self.mode = self._choose_mode(mode, memory_limit_gb)
+        self.parts: list[tuple[Path, list[dict[str, Any]]]] = []
+        self.index: ShardIndex | None = None
+        if self.mode == "memory":
+            if len(set(self.sources)) > 1:
+                raise ValueError(f"{self.folders} mix real and generated sets: in memory, train on them with "
+                                 "MixedDataModule (real: one DataModule, synthetic: this one), or set mode: stream.")
+            for path in self.folders:
+                _, records = read_manifest(path)
+                if view is not None:
+                    kept = self._view_ids(path, len(records))
+                    if not kept <= {r["id"] for r in records}:
+                        raise ValueError(f"View {self.view!r} of {path} names images the dataset does not have: it was "
+                                         "made for another state of the folder; score the dataset again.")
+                    records = [r for r in records if r["id"] in kept]
+                if max_per_class is not None:
+                    keep = first_per_class([r["class_index"] for r in records], [r.get("index", 0) for r in records],
+                                           max_per_class)
+                    records = [records[i] for i in keep]
+                self.parts.append((path, records))
+        else:
+            parts = []
+            for path, run, source in zip(self.folders, runs, self.sources, strict=True):
+                index, request = index_folder(path, run, source)
+                if view is not None:
+                    ids = self._view_ids(path, len(index))
+                    index, request = index_folder(path, run, source, ids)
+                if max_per_class is not None:
+                    keep = first_per_class(index.labels, request, max_per_class)
+                    index = index.select(keep)
+                parts.append(index)
+            self.index = ShardIndex.concat(parts)
+
+    def _choose_mode(self, mode: Mode, memory_limit_gb: float) -> str:
+        count = sum(manifest_length(path) for path in self.folders)
+        decoded_gb = count * 3 * self.image_size ** 2 / 2**30
+        if mode == "auto":
+            mode = "stream" if decoded_gb > memory_limit_gb else "memory"
+            how = "streaming the shards" if mode == "stream" else "decoded in memory"
+            rank_zero_info(f"SyntheticDataModule: {count} images at {self.image_size} px are {decoded_gb:.2f} GB "
+                           f"decoded per process, {'above' if mode == 'stream' else 'within'} memory_limit_gb="
+                           f"{memory_limit_gb}: {how}.")
+        return mode
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """Every image's manifest record, in the order of the samples' ``index`` (``memory`` mode)."""
+        if self.mode != "memory":
+            raise ValueError("A streamed SyntheticDataModule keeps no records (they would not fit in memory at "
+                             "scale); read the manifest (lbgen.storage.read_manifest), or set mode: memory.")
+        return [r for _, records in self.parts for r in records]
 
     @property
     def folder(self) -> Path:
@@ -76,18 +153,16 @@ class SyntheticDataModule(ImageClassificationDataModule):
                              "dataset folder on its own.")
         return self.folders[0]
 
-    @staticmethod
-    def _apply_view(folder: Path, records: list[dict[str, Any]], view: str) -> list[dict[str, Any]]:
-        path = folder / "views" / f"{view}.json"
+    def _view_ids(self, folder: Path, total: int) -> set[str]:
+        path = folder / "views" / f"{self.view}.json"
         if not path.is_file():
-            raise FileNotFoundError(f"No view {view!r} in {folder} ({path}); score the dataset first "
+            raise FileNotFoundError(f"No view {self.view!r} in {folder} ({path}); score the dataset first "
                                     "(lbgen predict -c configs/evaluate/score_synthetic.yaml), or set view: null.")
         record = read_json(path, "score the dataset again to rewrite it.")
-        kept = set(record.get("kept") or [])
-        if record.get("n_total") != len(records) or not kept <= {r["id"] for r in records}:
+        if record.get("n_total") != total:
             raise ValueError(f"View {path} was made for another state of {folder} ({record.get('n_total')} "
-                             f"images, now {len(records)}): score the dataset again.")
-        return [r for r in records if r["id"] in kept]
+                             f"images, now {total}): score the dataset again.")
+        return set(record.get("kept") or [])
 
     @property
     def class_names(self) -> list[str]:
@@ -98,6 +173,8 @@ class SyntheticDataModule(ImageClassificationDataModule):
         return "synthetic:" + "+".join(map(str, self.folders)) + (f"[{self.view}]" if self.view else "")
 
     def load_pool(self) -> tuple[TensorImageSource, np.ndarray]:
+        if self.mode != "memory":
+            raise ValueError("A streamed SyntheticDataModule has no in-memory pool; set mode: memory to decode it.")
         images = torch.cat([load_images(path, records, self.image_size) for path, records in self.parts])
         return TensorImageSource(images, "synthetic"), np.array([r["class_index"] for r in self.records])
 
@@ -107,23 +184,86 @@ class SyntheticDataModule(ImageClassificationDataModule):
     def val_dataloader(self) -> list:
         return []  # no synthetic hold-out: validate on real data (MixedDataModule does); alone, training just runs
 
+    def stream(self, train: bool, classes: np.ndarray | None = None, epoch_size: int | None = None
+               ) -> StreamingDataset:
+        """The streamed samples (``stream`` mode), optionally of some classes only."""
+        index = self.index if classes is None else self.index.select(np.isin(self.index.labels, classes))
+        transform = augmentation_preset(self.augmentation, self.image_size) if train else eval_transform()
+        return StreamingDataset(index, self.image_size, transform, self.batch_size if train else
+                                self.eval_batch_size, train, seed=global_seed(), shuffle_buffer=self.shuffle_buffer,
+                                skip_bad_samples=self.skip_bad_samples, epoch_size=epoch_size)
+
     def setup(self, stage: str) -> None:
+        if stage == "predict" and self.predict_split != "train":
+            raise ValueError("A synthetic dataset has only training images: set predict_split: train.")
+        if self.mode == "stream":
+            if stage == "fit" and self.train_dataset is None:
+                self.train_dataset = self.stream(train=True, epoch_size=self.samples_per_epoch)
+                processes = world()[0]
+                rank_zero_info(f"Streaming {len(self.index)} images from {len(self.index.shards)} shards: "
+                               f"{self.train_dataset.per_process(processes)} per process and epoch, "
+                               f"{self.train_dataset.dropped_per_epoch(processes)} left out of each epoch so that "
+                               f"{processes} process(es) take equal steps.")
+            if stage == "predict" and self.predict_dataset is None:
+                self.predict_dataset = self.stream(train=False)
+            return
         images, labels = self.pool
         if stage == "fit" and self.train_dataset is None:
             self.train_dataset = ClassificationDataset(images, np.arange(len(labels)), labels,
                                                        augmentation_preset(self.augmentation, self.image_size),
-                                                       source=SYNTHETIC)
+                                                       source=self.sources[0])
         if stage == "predict" and self.predict_dataset is None:
-            if self.predict_split != "train":
-                raise ValueError("A synthetic dataset has only training images: set predict_split: train.")
             # index i is self.records[i]: a predicting system maps its outputs back to the records
             self.predict_dataset = ClassificationDataset(images, np.arange(len(labels)), labels, eval_transform(),
-                                                         source=SYNTHETIC)
+                                                         source=self.sources[0])
+
+    def loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
+        if not isinstance(dataset, (StreamingDataset, MixedStream)):
+            return super().loader(dataset, train=train)
+        return StreamingLoader(dataset, lambda batches: stream_position(self.trainer, batches),
+                               batch_size=self.batch_size if train else self.eval_batch_size,
+                               collate_fn=self.collate(train), num_workers=self.num_workers,
+                               pin_memory=torch.cuda.is_available())
 
     @property
     def train_class_counts(self) -> list[int]:
-        labels = np.array([r["class_index"] for r in self.records])
+        labels = self.index.labels if self.mode == "stream" else np.array([r["class_index"] for r in self.records])
         return np.bincount(labels, minlength=self.num_classes).tolist()
+
+
+def manifest_length(folder: Path) -> int:
+    """Images listed in a dataset folder's manifest (lines counted, not parsed)."""
+    read_run(folder)  # a clear error for a folder that is not a finished run
+    with open(folder / MANIFEST_FILE, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def first_per_class(labels: Any, order: Any, limit: int) -> np.ndarray:
+    """Positions of at most ``limit`` items per class: the first by ``order`` (request index), ordered by class,
+    then ``order``."""
+    labels, order = np.asarray(labels), np.asarray(order)
+    ranked = np.lexsort((np.arange(len(labels)), order, labels))
+    counts: dict[int, int] = {}
+    keep = []
+    for i in ranked.tolist():
+        c = int(labels[i])
+        if counts.get(c, 0) < limit:
+            counts[c] = counts.get(c, 0) + 1
+            keep.append(i)
+    return np.asarray(keep, dtype=np.int64)
+
+
+def stream_position(trainer: L.Trainer | None, batches: int) -> tuple[int, int]:
+    """(epoch, batches of it already trained) of a trainer about to iterate its training loader of ``batches``
+    batches an epoch: a run resumed mid-epoch continues after the batches its checkpoint had processed (Lightning
+    counts those as done), one resumed at an epoch's end starts the next epoch."""
+    if trainer is None or not trainer.training:
+        return 0, 0
+    loop = trainer.fit_loop
+    done = loop.epoch_loop.batch_progress.current.processed if loop.restarting else 0
+    if done >= batches:
+        return trainer.current_epoch + 1, 0
+    return trainer.current_epoch, done
 
 
 class MixedDataModule(L.LightningDataModule):
@@ -146,10 +286,9 @@ class MixedDataModule(L.LightningDataModule):
                  synthetic_fraction: float | None = None, samples_per_epoch: int | None = None,
                  synthetic_below: int | None = None) -> None:
         super().__init__()
-        if real.class_names != synthetic.class_names:
-            raise ValueError(f"Synthetic classes {synthetic.class_names} ({synthetic.dataset_name}) differ from real "
-                             f"classes {real.class_names}: generate with the real DataModule's class list, or use the "
-                             "dataset generated for these classes.")
+        check_same_classes(real.class_names, synthetic.class_names, "real", f"synthetic ({synthetic.dataset_name})",
+                           "generate with the real DataModule's class list (a class map gives an ImageNet folder "
+                           "its human names), or use the dataset generated for these classes.")
         if synthetic_fraction is not None and not 0.0 <= synthetic_fraction <= 1.0:
             raise ValueError(f"synthetic_fraction must be in [0, 1], got {synthetic_fraction}.")
         if synthetic.image_size != real.image_size:
@@ -185,14 +324,19 @@ class MixedDataModule(L.LightningDataModule):
         self.real.trainer = self.trainer
         self.real.setup(stage)
         if stage == "fit":
-            self.synthetic.setup("fit")
-            synthetic = self.synthetic.train_dataset
+            chosen = None
             if self.synthetic_below is not None:
                 counts = np.asarray(self.real.train_class_counts)
                 chosen = np.flatnonzero(counts < self.synthetic_below)
                 if len(chosen) == 0:
                     raise ValueError(f"No class has fewer than synthetic_below={self.synthetic_below} real training "
                                      f"images (counts {counts.tolist()}): no synthetic image would be used.")
+            if self.synthetic.mode == "stream":
+                self.train_dataset = self._mixed_stream(chosen)
+                return
+            self.synthetic.setup("fit")
+            synthetic = self.synthetic.train_dataset
+            if chosen is not None:
                 keep = synthetic.positions[np.isin(synthetic.labels[synthetic.positions], chosen)]
                 synthetic = ClassificationDataset(synthetic.images, keep, synthetic.labels, synthetic.transform,
                                                   source=synthetic.source)
@@ -200,7 +344,31 @@ class MixedDataModule(L.LightningDataModule):
                                f"real images ({[self.class_names[c] for c in chosen]}): {len(keep)}")
             self.train_dataset = ConcatDataset([self.real.train_dataset, synthetic])
 
+    def _mixed_stream(self, classes: np.ndarray | None) -> MixedStream:
+        """Real samples mixed into the streamed synthetic set: as concatenated (every synthetic and real training
+        image once per epoch), or ``synthetic_fraction`` of ``samples_per_epoch`` synthetic."""
+        n_real = len(self.real.train_dataset)
+        index = self.synthetic.index
+        n_syn = int(np.isin(index.labels, classes).sum()) if classes is not None else len(index)
+        if self.synthetic_fraction is None:
+            syn_count, real_count = n_syn, n_real
+        else:
+            total = self.samples_per_epoch or n_real + n_syn
+            syn_count = round(self.synthetic_fraction * total)
+            real_count = total - syn_count
+        stream = self.synthetic.stream(train=True, classes=classes, epoch_size=max(syn_count, 1))
+        if classes is not None:
+            rank_zero_info(f"Synthetic images for the {len(classes)} classes with fewer than {self.synthetic_below} "
+                           f"real images ({[self.class_names[c] for c in classes]}): {n_syn}")
+        if syn_count == 0:
+            raise ValueError("synthetic_fraction 0 streams no synthetic image: train on the real DataModule alone.")
+        return MixedStream(self.real.train_dataset, stream, real_count, self.real.batch_size)
+
     def train_dataloader(self) -> DataLoader:
+        if isinstance(self.train_dataset, MixedStream):
+            return StreamingLoader(self.train_dataset, lambda batches: stream_position(self.trainer, batches),
+                                   batch_size=self.real.batch_size, collate_fn=self.real.collate(True),
+                                   num_workers=self.real.num_workers, pin_memory=torch.cuda.is_available())
         n_real = len(self.real.train_dataset)
         n_syn = len(self.train_dataset) - n_real
         weights = None

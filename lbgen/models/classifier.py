@@ -91,6 +91,8 @@ class ClassifierSystem(L.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_per_class = MulticlassAccuracy(num_classes, average="none")
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
+        # top-5 (the ImageNet measure) only where it says something: with 5 classes or fewer it is always 100%
+        self.test_top5 = MulticlassAccuracy(num_classes, top_k=5, average="micro") if num_classes > 5 else None
 
     # --- model ------------------------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> ClassifierSystem:
@@ -195,6 +197,8 @@ class ClassifierSystem(L.LightningModule):
         self.test_acc(logits, labels)
         self.test_per_class(logits, labels)
         self.test_confusion(logits, labels)
+        if self.test_top5 is not None:
+            self.test_top5(logits, labels)
         self.log("test/acc", self.test_acc, batch_size=len(images))
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
@@ -215,6 +219,10 @@ class ClassifierSystem(L.LightningModule):
         counts = self._train_class_counts()
         report: dict[str, Any] = {"acc_balanced": sum(per_class) / len(per_class)}
         self.log("test/acc_balanced", report["acc_balanced"])
+        if self.test_top5 is not None:
+            report["acc_top5"] = float(self.test_top5.compute())  # synchronised over processes, as the others
+            self.test_top5.reset()
+            self.log("test/acc_top5", report["acc_top5"])
         buckets = None
         if counts is not None and is_imbalanced(counts):
             buckets = class_buckets(counts, self.many_threshold, self.few_threshold)
@@ -238,7 +246,8 @@ class ClassifierSystem(L.LightningModule):
             (out / TEST_METRICS_FILE).write_text(json.dumps(
                 {**report, "num_test_images": total, "class_names": self.class_names, "per_class_acc": per_class,
                  "train_class_counts": counts, "buckets": buckets}, indent=1))
-        table = Table(title=f"Test accuracy: {100 * report['acc']:.2f}% top-1 on {total} images "
+        top5 = f", {100 * report['acc_top5']:.2f}% top-5" if "acc_top5" in report else ""
+        table = Table(title=f"Test accuracy: {100 * report['acc']:.2f}% top-1{top5} on {total} images "
                             f"(balanced {100 * report['acc_balanced']:.2f}%)")
         for column in ("class", "train images", "bucket", "accuracy %"):
             table.add_column(column, justify="left" if column == "class" else "right")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -24,6 +24,7 @@ from lbgen.components.genie_ada import adaptive_strength
 from lbgen.components.lora import lora_hash
 from lbgen.components.prompts import fill_caption
 from lbgen.models.precision import low_precision_setup
+from lbgen.storage.dataset_format import shard_byte_limit, storage_record
 
 HOST_TABLE_SCHEDULERS = (DDIMScheduler, DDPMScheduler, PNDMScheduler)
 """Schedulers whose ``step`` reads its coefficients from CPU tables whatever device the timesteps are on: given
@@ -104,6 +105,14 @@ class GenerationSystem(L.LightningModule):
         ada_template: CLIP text of a class for the judge.
         num_classes: linked from the data.
         class_names: linked from the data.
+        shard_max_mb: also close a shard before it would pass this many MB (10^6 bytes; for streaming readers, e.g.
+            500); None: by ``shard_size`` only.
+        image_format: how images are stored: ``png`` (exact), ``webp`` or ``jpeg`` (lossy, several times smaller than
+            PNG; members ``.webp`` / ``.jpg``, decoded by every reader).
+        image_quality: WebP / JPEG quality, 1 to 100 (default 90); PNG takes none.
+        save_size: store images resized to this side (PIL bicubic, antialiased), e.g. the classifier's 256 px for a
+            512 px generator; None: as generated. The records keep ``image_size`` (the generated side) and get
+            ``save_size``.
     """
 
     def __init__(self, generator: GeneratorSource, output_dir: str, num_inference_steps: int = 20,
@@ -111,8 +120,15 @@ class GenerationSystem(L.LightningModule):
                  compile: bool = False, channels_last: bool = False, prompt_cache_size: int = 1024,
                  writer_queue: int = 4, ada_strengths: list[float] | None = None, ada_judge: ClipScorer | None = None,
                  ada_template: str = "a photo of a {class}", num_classes: int | None = None,
-                 class_names: list[str] | None = None) -> None:
+                 class_names: list[str] | None = None, shard_max_mb: float | None = None,
+                 image_format: Literal["png", "webp", "jpeg"] = "png", image_quality: int | None = None,
+                 save_size: int | None = None) -> None:
         super().__init__()
+        # checked here, not first when the writer is made at the start of predict
+        shard_byte_limit(shard_max_mb)
+        storage_record(image_format, image_quality, save_size)
+        self.storage_options = {"shard_max_mb": shard_max_mb, "image_format": image_format,
+                                "image_quality": image_quality, "save_size": save_size}
         if ada_strengths is not None:
             strengths = [float(r) for r in ada_strengths]
             if len(strengths) < 2 or strengths != sorted(set(strengths)) or not all(0 < r <= 1 for r in strengths):
@@ -169,7 +185,7 @@ class GenerationSystem(L.LightningModule):
 
     def configure_callbacks(self) -> list[L.Callback]:
         return [SyntheticDatasetWriter(Path(self.output_dir), self.shard_size, self.generator_record,
-                                       max_pending_batches=self.writer_queue)]
+                                       max_pending_batches=self.writer_queue, **self.storage_options)]
 
     @property
     def guided(self) -> bool:
