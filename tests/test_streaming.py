@@ -331,3 +331,33 @@ def test_a_classifier_trains_and_tests_on_real_plus_streamed_synthetic(tmp_path,
     assert trainer.global_step == 12  # 24 samples, batch 4, 2 epochs
     trainer.test(model, datamodule=mixed)
     assert trainer.num_test_batches == [4]  # the real test set (60 images, batches of 16) stays the test
+
+
+@pytest.mark.slow
+def test_streaming_and_in_memory_modes_train_to_the_same_accuracy(tmp_path, fmnist_fixture):
+    """The two modes read the same images in different orders (by design: shards vs a global permutation), so the
+    weights differ; the accuracy must not (tolerance: 10 points on the 60 test images, a fifth of the gain)."""
+    from lbgen.components import TimmBackbone
+    from lbgen.datamodules.fashion_mnist import load_fashion_mnist
+    from lbgen.models import ClassifierSystem
+
+    images, labels = load_fashion_mnist(str(fmnist_fixture), "train", 16)
+    encoded = []
+    for image, label in zip(images, labels, strict=True):
+        buffer = io.BytesIO()
+        Image.fromarray(image[0].numpy()).convert("RGB").save(buffer, format="PNG")
+        encoded.append((int(label), buffer.getvalue()))
+    write_images_as_dataset(tmp_path / "set", list(FASHION_MNIST_CLASSES), encoded, 37)  # 300 images, uneven shards
+    accuracy = {}
+    for mode in ("memory", "stream"):
+        L.seed_everything(0)
+        real = FashionMNISTDataModule(root=str(fmnist_fixture), shots=1, image_size=16, batch_size=20)
+        mixed = MixedDataModule(real, SyntheticDataModule(str(tmp_path / "set"), image_size=16, mode=mode),
+                                synthetic_fraction=1.0, samples_per_epoch=300)
+        model = ClassifierSystem(TimmBackbone("test_resnet"), num_classes=10)
+        trainer = L.Trainer(max_epochs=6, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, default_root_dir=tmp_path / mode)
+        trainer.fit(model, datamodule=mixed)
+        accuracy[mode] = trainer.test(model, datamodule=mixed, verbose=False)[0]["test/acc"]
+    assert min(accuracy.values()) > 0.5, accuracy  # both learned (chance: 0.1)
+    assert abs(accuracy["memory"] - accuracy["stream"]) <= 0.10, accuracy

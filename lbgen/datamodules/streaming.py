@@ -97,7 +97,7 @@ def index_folder(folder: Path, run: dict[str, Any], source: int, view: set[str] 
 
     The manifest is not parsed (at 1M images its records alone take about 1 GB per process): its line count must
     equal the shards' total, which catches shards missing from a copied folder and a manifest of another run.
-    Columns are built shard by shard as arrays (a Python int per image would cost ~30 bytes more each).
+    Columns are built shard by shard as arrays (Python ints per image would cost ~100 bytes each).
     """
     shards = complete_shards(folder)
     existing = {p.name for p in shards}
@@ -114,16 +114,16 @@ def index_folder(folder: Path, run: dict[str, Any], source: int, view: set[str] 
                                  "index belongs to another shard: regenerate the dataset.")
             if view is None or record["id"] in view:
                 rows.append((s, m, record["class_index"], record.get("index", m)))
-        columns.append(np.asarray(rows, np.int64).reshape(-1, 4))
+        columns.append(np.asarray(rows, np.int32).reshape(-1, 4))
     with open(folder / MANIFEST_FILE, "rb") as f:
         listed = sum(1 for line in f if line.strip())
     if listed != total:
         raise ValueError(f"{folder / MANIFEST_FILE} lists {listed} images, its complete shards hold {total}: shards "
                          "are missing (copy the whole folder) or the manifest is another run's; rerun the same "
                          "`lbgen predict` command to finish and rewrite it.")
-    table = np.concatenate(columns) if columns else np.empty((0, 4), np.int64)
-    index = ShardIndex(shards, table[:, 0].astype(np.int32), table[:, 1].astype(np.int32),
-                       table[:, 2].astype(np.int32), np.full(len(shards), source, np.int8))
+    table = np.concatenate(columns) if columns else np.empty((0, 4), np.int32)
+    index = ShardIndex(shards, table[:, 0].copy(), table[:, 1].copy(), table[:, 2].copy(),
+                       np.full(len(shards), source, np.int8))
     return index, table[:, 3].copy()
 
 
@@ -284,7 +284,9 @@ class StreamingDataset(IterableDataset):
         except ValueError as err:
             if not self.skip_bad_samples:
                 raise
-            warnings.warn(f"skip_bad_samples: skipped {sample.get('__key__')!r} ({err})", stacklevel=2)
+            self.skipped = getattr(self, "skipped", 0) + 1
+            warnings.warn(f"skip_bad_samples: skipped {sample.get('__key__')!r} ({err}); {self.skipped} skipped by "
+                          "this reader so far", stacklevel=2)
             return None
         key = self.epoch * self.epoch_size + sample["place"]  # unique per draw in the run
         row = sample["row"]
