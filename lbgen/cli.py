@@ -26,6 +26,8 @@ Stages (each reads a YAML recipe from configs/, e.g. `lbgen fit -c configs/class
   export    `lbgen export DATASET_DIR OUT_DIR`: copy a generated dataset to plain PNG folders + metadata.jsonl
   experiment `lbgen experiment FILE --workdir DIR`: run an experiment's stages (cached), then write report.md
   summary   `lbgen summary NAME=RUN_ROOT ...`: mean top-1 with its 95% interval over the tested runs of each root
+  shard-folder `lbgen shard-folder IMAGE_DIR OUT_DIR [--processes N]`: a real ImageFolder as WebDataset shards
+            (read like a generated set; resumable)
   imagefolder-from-labels `lbgen imagefolder-from-labels FLAT_DIR LABELS_FILE OUT_DIR`: a flat image folder + labels
             (ImageNet's val + LOC_val_solution.csv) as an ImageFolder, by hard links
 A bad input stops with one message (exit code 1); LBGEN_DEBUG=1 shows where it was raised.

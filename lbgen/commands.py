@@ -3,7 +3,8 @@
 ``fit`` / ``validate`` / ``test`` / ``predict`` are LightningCLI's (``lbgen.cli``), ``export`` copies a generated
 dataset to plain files, ``experiment`` runs an experiment's stages (``lbgen.experiment``, which runs the stage verbs
 through ``lbgen.cli``), ``summary`` tabulates tested runs, ``shard-folder`` writes an image folder as
-shards (``lbgen.storage.real_shards``). A bad input stops with lbgen's one-line message and exit
+shards (``lbgen.storage.real_shards``), ``imagefolder-from-labels`` lays a flat labelled folder out as an ImageFolder.
+A bad input stops with lbgen's one-line message and exit
 code 1; ``LBGEN_DEBUG=1`` (or ``--debug`` right after ``lbgen``) shows the traceback too. Bugs always show theirs.
 """
 

@@ -113,6 +113,7 @@ class SyntheticDataModule(ImageClassificationDataModule):
                                            max_per_class)
                     records = [records[i] for i in keep]
                 self.parts.append((path, records))
+            self._records = [r for _, records in self.parts for r in records]
         else:
             parts = []
             for path, run, source in zip(self.folders, runs, self.sources, strict=True):
@@ -143,7 +144,7 @@ class SyntheticDataModule(ImageClassificationDataModule):
         if self.mode != "memory":
             raise ValueError("A streamed SyntheticDataModule keeps no records (they would not fit in memory at "
                              "scale); read the manifest (lbgen.storage.read_manifest), or set mode: memory.")
-        return [r for _, records in self.parts for r in records]
+        return self._records
 
     @property
     def folder(self) -> Path:
