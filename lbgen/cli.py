@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 from argparse import RawDescriptionHelpFormatter
@@ -153,27 +154,39 @@ USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADi
 """Exception types that lbgen raises, with a message saying what to change, for input a user gave."""
 
 
-def is_user_error(err: BaseException) -> bool:
-    """Whether ``err`` is lbgen's message about bad input rather than a bug.
+def user_error_message(err: BaseException) -> str | None:
+    """lbgen's message about bad input in ``err``, or None for a bug.
 
-    It is when lbgen's own code raised it with a ``raise`` statement (every such message names the offending value
-    and the fix) and it is of a ``USER_ERRORS`` type. A ``ValueError`` that Python or a library raised (a bug in
-    lbgen or below) is not: its traceback is what a developer needs.
+    It is one when lbgen's own code raised it with a ``raise`` statement (every such message names the offending
+    value and the fix) and it is of a ``USER_ERRORS`` type. A ``ValueError`` that Python or a library raised (a bug in
+    lbgen or below) is not: its traceback is what a developer needs. An error a DataLoader worker raised arrives
+    re-raised by torch with the worker's traceback in its text: that traceback is read instead.
     """
     if not isinstance(err, USER_ERRORS):
-        return False
+        return None
     tb = err.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
     if tb is None:
-        return False
-    filename = tb.tb_frame.f_code.co_filename
+        return None
+    filename, line, message = tb.tb_frame.f_code.co_filename, tb.tb_lineno, str(err)
+    if tb.tb_frame.f_code.co_name == "reraise" and Path(filename).parts[-2:] == ("torch", "_utils.py"):
+        frames = re.findall(r'File "([^"]+)", line (\d+)', message)
+        head = f"{type(err).__name__}: "
+        if not frames or head not in message:
+            return None
+        (filename, line), message = frames[-1], message.rsplit("\n" + head, 1)[-1].strip()
     package = str(Path(__file__).resolve().parent)
     if not str(Path(filename).resolve()).startswith(package):
-        return False
+        return None
     import linecache
 
-    return linecache.getline(filename, tb.tb_lineno).lstrip().startswith("raise")
+    return message if linecache.getline(filename, int(line)).lstrip().startswith("raise") else None
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` is lbgen's message about bad input rather than a bug (``user_error_message``)."""
+    return user_error_message(err) is not None
 
 
 def run_stage(words: list[str] | None = None) -> None:

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from lbgen.cli import STAGE_VERBS, is_user_error, run_stage
+from lbgen.cli import STAGE_VERBS, run_stage, user_error_message
 
 DEBUG_ENV = "LBGEN_DEBUG"
 
@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"lbgen: unknown command {verb!r}; the commands are {', '.join(VERBS)} "
                              "(lbgen --help lists the stages).")
     except Exception as err:
-        if debug or not is_user_error(err):
+        message = user_error_message(err)
+        if debug or message is None:
             raise
-        print(f"lbgen: error: {err}\n(set {DEBUG_ENV}=1 to see where it was raised)", file=sys.stderr)
+        print(f"lbgen: error: {message}\n(set {DEBUG_ENV}=1 to see where it was raised)", file=sys.stderr)
         raise SystemExit(1) from None

@@ -46,7 +46,7 @@ from typing import Any
 
 import yaml
 
-from lbgen.cli import STAGE_VERBS, is_user_error, run_stage
+from lbgen.cli import STAGE_VERBS, run_stage, user_error_message
 from lbgen.storage.files import atomic_write_json
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -208,8 +208,8 @@ def _run_in_process(args: list[str], workdir: Path) -> int:
     except SystemExit as err:  # LightningCLI exits on bad arguments, after printing why
         return 0 if err.code is None else err.code if isinstance(err.code, int) else 1
     except Exception as err:  # reported like a failed subprocess; the runner stops with the stage's name
-        if is_user_error(err):
-            print(f"lbgen: error: {err}", file=sys.stderr)
+        if (message := user_error_message(err)) is not None:
+            print(f"lbgen: error: {message}", file=sys.stderr)
         else:
             import traceback
 

@@ -112,9 +112,17 @@ def index_folder(folder: Path, run: dict[str, Any], source: int, view: set[str] 
             if record["shard"] != path.name:
                 raise ValueError(f"{index_path(path)}, line {m + 1}: the record names shard {record['shard']!r}; the "
                                  "index belongs to another shard: regenerate the dataset.")
+            request = record.get("index", m)
+            if not isinstance(request, int) or isinstance(request, bool) or not 0 <= request < 2**31:
+                raise ValueError(f"{index_path(path)}, line {m + 1}: index {request!r} is not a request number; the "
+                                 "shard index is damaged: regenerate the dataset.")
             if view is None or record["id"] in view:
-                rows.append((s, m, record["class_index"], record.get("index", m)))
+                rows.append((s, m, record["class_index"], request))
         columns.append(np.asarray(rows, np.int32).reshape(-1, 4))
+    matched = sum(len(c) for c in columns)
+    if view is not None and matched != len(view):
+        raise ValueError(f"The view of {folder} names {len(view) - matched} image(s) the dataset does not have: it was "
+                         "made for another state of the folder; score the dataset again.")
     with open(folder / MANIFEST_FILE, "rb") as f:
         listed = sum(1 for line in f if line.strip())
     if listed != total:
@@ -174,7 +182,8 @@ class StreamingDataset(IterableDataset):
         train: shuffled shards, a shuffle buffer, equal parts per process; False: every image once, in order.
         seed: seed of the shard order, the buffer and the sample keys.
         shuffle_buffer: samples in each worker's shuffle buffer.
-        skip_bad_samples: skip an image that cannot be decoded (with a warning naming it) instead of stopping.
+        skip_bad_samples: replace an image that cannot be decoded by a good one of the same worker (with a warning
+            naming it and a count) instead of stopping: every process keeps its number of steps.
         epoch_size: images per training epoch over all processes (default: all of them once); more repeats the
             set in whole passes (each pass its own shard order), fewer reads the start of the epoch's order.
         layout: ``(processes, rank)`` instead of torch.distributed's (to read one process's share elsewhere).
@@ -311,10 +320,27 @@ class StreamingDataset(IterableDataset):
 
         raw = (resumed_share(stream_of, counts, self.batch_size, self.skip_batches, worker) if self.skip_batches
                else stream_of(worker))
-        for sample in raw:
-            decoded = self.decode(sample)
-            if decoded is not None:
-                yield decoded
+        yield from same_count(self.decode(sample) for sample in raw)
+
+
+def same_count(samples: Iterator[dict[str, Any] | None]) -> Iterator[dict[str, Any]]:
+    """The decoded samples with each skipped one (None) replaced by a good neighbour (the last good one, or the
+    next for a worker's first): a worker yields as many samples as planned, so every process keeps its number of
+    steps (DDP) and a resumed epoch its batches."""
+    last, owed = None, 0
+    for sample in samples:
+        if sample is None:
+            if last is None:
+                owed += 1
+                continue
+            sample = last
+        last = sample
+        for _ in range(owed + 1):
+            yield sample
+        owed = 0
+    if owed:
+        raise ValueError(f"skip_bad_samples: all {owed} images of a loader worker's share were bad; regenerate the "
+                         "dataset.")
 
 
 def keyed_transform(transform: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, key: int) -> torch.Tensor:
@@ -435,12 +461,15 @@ class MixedStream(IterableDataset):
 
         items = (resumed_share(tasks, counts, self.batch_size, self.skip_batches, worker) if self.skip_batches
                  else tasks(worker))
-        for kind, *item in items:
-            if kind == "real":
-                position, key = item
-                yield {**self.real[KeyedIndex(position, key)], "sample_key": key}
-            elif (decoded := self.synthetic.decode(item[0])) is not None:
-                yield decoded
+        def materialized() -> Iterator[dict[str, Any] | None]:
+            for kind, *item in items:
+                if kind == "real":
+                    position, key = item
+                    yield {**self.real[KeyedIndex(position, key)], "sample_key": key}
+                else:
+                    yield self.synthetic.decode(item[0])
+
+        yield from same_count(materialized())
 
 
 class StreamingLoader(DataLoader):
