@@ -403,25 +403,9 @@ class MixedStream(IterableDataset):
             raise ValueError(f"real_count must be >= 0 with a non-empty real set, got {real_count} for {len(real)}.")
         self.real, self.synthetic, self.real_count, self.batch_size = real, synthetic, real_count, batch_size
 
-    @property
-    def epoch(self) -> int:
-        return self.synthetic.epoch
-
-    @epoch.setter
-    def epoch(self, value: int) -> None:
-        self.synthetic.epoch = value
-
-    @property
-    def skip_batches(self) -> int:
-        return self.synthetic.skip_batches
-
-    @skip_batches.setter
-    def skip_batches(self, value: int) -> None:
-        self.synthetic.skip_batches = value
-
     def _real_order(self) -> np.ndarray:
         n = len(self.real)
-        rng = np.random.default_rng(derive_seed("lbgen-real-order", self.synthetic.seed, self.epoch) % 2**63)
+        rng = np.random.default_rng(derive_seed("lbgen-real-order", self.synthetic.seed, self.synthetic.epoch) % 2**63)
         passes = math.ceil(self.real_count / n) if n else 0
         return np.concatenate([rng.permutation(n) for _ in range(passes)] or [np.empty(0, int)])[:self.real_count]
 
@@ -432,6 +416,7 @@ class MixedStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         processes, rank = self.synthetic.world()
         workers, worker = worker_slot()
+        epoch = self.synthetic.epoch
         syn_rows, syn_places = self.synthetic.part(processes, rank)
         per = self.real_count // processes  # the last real_count mod processes dropped, as for the stream
         real = self._real_order()[rank * per:(rank + 1) * per]
@@ -449,18 +434,18 @@ class MixedStream(IterableDataset):
             syn = self.synthetic.raw(syn_rows[s0:s0 + syn_counts[w]], syn_places[s0:s0 + syn_counts[w]],
                                      (processes, rank, w))
             mine = real[r0:r0 + real_counts[w]].tolist()
-            rng = np.random.default_rng(derive_seed("lbgen-mix", self.synthetic.seed, self.epoch, processes, rank,
-                                                    w) % 2**63)
+            rng = np.random.default_rng(derive_seed("lbgen-mix", self.synthetic.seed, epoch, processes, rank, w)
+                                        % 2**63)
             is_real = np.zeros(counts[w], bool)
             is_real[rng.permutation(counts[w])[:len(mine)]] = True
             # real draws' keys: negative, apart from the stream's (>= 0), other epochs' and other processes'
-            first_key = -1 - (self.epoch * processes + rank) * (per + 1) - r0
+            first_key = -1 - (epoch * processes + rank) * (per + 1) - r0
             drawn = iter(zip(mine, range(first_key, first_key - len(mine), -1), strict=True))
             for take_real in is_real:
                 yield ("real", *next(drawn)) if take_real else ("synthetic", next(syn))
 
-        items = (resumed_share(tasks, counts, self.batch_size, self.skip_batches, worker) if self.skip_batches
-                 else tasks(worker))
+        skip = self.synthetic.skip_batches
+        items = resumed_share(tasks, counts, self.batch_size, skip, worker) if skip else tasks(worker)
         def materialized() -> Iterator[dict[str, Any] | None]:
             for kind, *item in items:
                 if kind == "real":
@@ -489,7 +474,7 @@ class StreamingLoader(DataLoader):
         self.position = position
 
     def __iter__(self):
-        self.dataset.epoch, self.dataset.skip_batches = self.position(len(self))
         stream = self.dataset.synthetic if isinstance(self.dataset, MixedStream) else self.dataset
+        stream.epoch, stream.skip_batches = self.position(len(self))  # a MixedStream reads its stream's
         stream.process_layout = world()
         return super().__iter__()

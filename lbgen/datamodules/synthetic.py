@@ -117,10 +117,8 @@ class SyntheticDataModule(ImageClassificationDataModule):
         else:
             parts = []
             for path, run, source in zip(self.folders, runs, self.sources, strict=True):
-                index, request = index_folder(path, run, source)
-                if view is not None:
-                    ids = self._view_ids(path, len(index))
-                    index, request = index_folder(path, run, source, ids)
+                ids = self._view_ids(path, manifest_length(path)) if view is not None else None
+                index, request = index_folder(path, run, source, ids)
                 if max_per_class is not None:
                     keep = first_per_class(index.labels, request, max_per_class)
                     index = index.select(keep)
