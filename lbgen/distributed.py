@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,12 +33,24 @@ def gather_global(system: L.LightningModule, tensor: torch.Tensor) -> torch.Tens
 
 
 def run_directory(trainer: L.Trainer | None) -> Path | None:
-    """The run's folder (``trainer.log_dir``), None without one. Call it on every process: under DDP it is a
-    collective (the logger's folder is broadcast from rank 0), so asking it on rank 0 only would hang."""
+    """The run's folder, where its files go beside ``checkpoints/``; None without a trainer. Call it on every
+    process: under DDP it is a collective (rank 0's folder is broadcast), so asking it on rank 0 only would hang.
+
+    It is the folder ModelCheckpoint saves into (minus ``checkpoints``), for any first logger:
+    ``<save_dir>/<name>/<version>`` (``version_N`` for CSV and TensorBoard; W&B: ``<save_dir>/<project>/<run id>``),
+    ``default_root_dir`` without a logger. ``trainer.log_dir`` is the same for CSV and TensorBoard, but for other
+    loggers it is their ``save_dir``: one folder where every run would overwrite the previous one's files.
+    """
     if trainer is None:
         return None
-    log_dir = trainer.log_dir
-    return Path(log_dir) if log_dir else None
+    if trainer.loggers:
+        logger = trainer.loggers[0]
+        version = logger.version
+        version = version if isinstance(version, str) else f"version_{version}"
+        folder = os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name), version)
+    else:
+        folder = trainer.default_root_dir
+    return Path(trainer.strategy.broadcast(folder))
 
 
 def save_on_rank_zero(trainer: L.Trainer, output_dir: str | None, default_name: str,

@@ -25,7 +25,11 @@ first stage, so a missing one fails at once, by name.
 An experiment can be an overlay of another (``extends: fashion_5shot.yaml``, next to it): it runs the base's stages,
 those named by ``only`` or all but those named by ``drop`` (names, or patterns such as ``seeds-*``), with
 ``overrides: {stage name or pattern: extra lbgen arguments}`` appended to their commands, then its own ``stages``;
-``name``, ``needs`` and ``report`` are the base's unless it gives its own.
+``name``, ``needs``, ``report`` and ``resources`` are the base's unless it gives its own.
+
+``--jobs N`` runs stages that do not need each other at the same time, ``--executor slurm`` as SLURM jobs
+(``lbgen.experiment_parallel``: how a stage's needs are found, ``after: [stage, ...]`` to add one, ``gpus: N`` per
+stage, and the ``resources`` section: ``gpus_per_stage``, ``cpus_per_stage``, ``mem_gb``, ``time_min``, ``slurm``).
 """
 
 from __future__ import annotations
@@ -40,29 +44,17 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from lbgen.cli import STAGE_VERBS, run_stage, user_error_message
-from lbgen.storage.files import atomic_write_json
+from lbgen.experiment_parallel import EXECUTORS, STAGES_FILE, Stage, check_resources, record_stage, run_parallel
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-STAGES_FILE = "stages.json"
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One ``lbgen`` command and the file that exists once it has finished."""
-
-    name: str
-    args: tuple[str, ...]
-    done: str
-
-    def is_done(self, workdir: Path) -> bool:
-        return (workdir / self.done).exists()
+STAGE_KEYS = {"name", "run", "done", "for_each", "after", "gpus"}
 
 
 def _fill(text: str, values: dict[str, Any], where: str) -> str:
@@ -84,9 +76,14 @@ def expand_stages(spec: dict[str, Any], configs: Path = CONFIGS) -> list[Stage]:
         where = f"stage {i + 1} ({entry.get('name', '?') if isinstance(entry, dict) else entry!r})"
         if not isinstance(entry, dict) or not {"name", "run", "done"} <= set(entry):
             raise ValueError(f"{where}: a stage needs name, run and done.")
-        unknown = set(entry) - {"name", "run", "done", "for_each"}
+        unknown = set(entry) - STAGE_KEYS
         if unknown:
-            raise ValueError(f"{where}: unknown keys {sorted(unknown)} (a stage has name, run, done, for_each).")
+            raise ValueError(f"{where}: unknown keys {sorted(unknown)} (a stage has {', '.join(sorted(STAGE_KEYS))}).")
+        after, gpus = entry.get("after") or [], entry.get("gpus")
+        if not isinstance(after, list) or not all(isinstance(p, str) and p for p in after):
+            raise ValueError(f"{where}: after is a list of earlier stages' names (or patterns), got {after!r}.")
+        if gpus is not None and (not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 0):
+            raise ValueError(f"{where}: gpus is a whole number >= 0, got {gpus!r}.")
         loops = entry.get("for_each") or {}
         if not isinstance(loops, dict) or not all(isinstance(v, list) and v for v in loops.values()):
             raise ValueError(f"{where}: for_each maps names to non-empty lists, got {loops!r}.")
@@ -95,7 +92,11 @@ def expand_stages(spec: dict[str, Any], configs: Path = CONFIGS) -> list[Stage]:
             run = entry["run"]
             words = shlex.split(run) if isinstance(run, str) else [str(w) for w in run]
             stage = Stage(name=_fill(entry["name"], values, where),
-                          args=tuple(_fill(w, values, where) for w in words), done=_fill(entry["done"], values, where))
+                          args=tuple(_fill(w, values, where) for w in words), done=_fill(entry["done"], values, where),
+                          after=tuple(_fill(p, values, where) for p in after), gpus=gpus)
+            for pattern in stage.after:
+                if not _matching(pattern, [s.name for s in stages]):
+                    raise ValueError(f"{where}: after: {pattern!r} names no earlier stage.")
             if stage.name in names:
                 raise ValueError(f"{where}: duplicate stage name {stage.name!r}.")
             if not stage.args or stage.args[0] not in STAGE_VERBS:
@@ -131,6 +132,8 @@ def _inherited_stages(spec: dict[str, Any], configs: Path) -> list[Stage]:
             chosen.update(found)
         stages = [stage for stage in stages if (stage.name in chosen) == (key == "only")]
     kept = [stage.name for stage in stages]
+    # an `after` naming a stage the overlay left out waits for nothing
+    stages = [replace(stage, after=tuple(p for p in stage.after if _matching(p, kept))) for stage in stages]
     for pattern, extra in (spec.get("overrides") or {}).items():
         where = f"overrides[{pattern!r}]"
         found = _matching(pattern, kept)
@@ -177,13 +180,15 @@ def _load_experiment(path: Path, overlays: tuple[Path, ...]) -> dict[str, Any]:
         if base_path.resolve() in {p.resolve() for p in (*overlays, path)}:
             raise ValueError(f"{path}: extends {spec['extends']!r} goes round in a circle.")
         base = _load_experiment(base_path, (*overlays, path))
-        spec = {**{key: base[key] for key in ("name", "needs", "report") if key in base}, **spec, "extends": base}
+        spec = {**{key: base[key] for key in ("name", "needs", "report", "resources") if key in base}, **spec,
+                "extends": base}
         try:
             expand_stages(spec)  # a stage name that matches nothing fails now, naming this file
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
     elif {"only", "drop", "overrides"} & set(spec):
         raise ValueError(f"{path}: only, drop and overrides change a base experiment's stages; name it with extends.")
+    check_resources(spec.get("resources"), str(path))
     needs = spec.get("needs", [])
     if not isinstance(needs, list) or not all(isinstance(p, str) and p for p in needs):
         raise ValueError(f"{path}: needs is a list of paths relative to the workdir, got {needs!r}.")
@@ -221,15 +226,6 @@ def _run_in_process(args: list[str], workdir: Path) -> int:
         gc.collect()  # the stage's models and data go before the next one starts
 
 
-def _record_stage(log_file: Path, name: str, entry: dict[str, Any]) -> None:
-    """Add one stage's entry to ``stages.json``: re-read just before the write, update, atomic replace, so that
-    experiments sharing a workdir keep each other's entries and a reader never sees a half-written file. No lock: two
-    writes in the same instant can still drop one entry (only a time in a report; the stages' done files decide)."""
-    log = json.loads(log_file.read_text()) if log_file.is_file() else {}
-    log[name] = entry
-    atomic_write_json(log_file, log)
-
-
 def run_stages(stages: list[Stage], workdir: Path, lbgen: list[str], until: str | None = None,
                dry_run: bool = False, in_process: bool = False) -> list[dict[str, Any]]:
     """Run the unfinished stages in order (stop after ``until``); a failing stage stops the experiment.
@@ -250,7 +246,7 @@ def run_stages(stages: list[Stage], workdir: Path, lbgen: list[str], until: str 
             results.append({"name": stage.name, "status": "pending"})
         else:
             print(f"{head}: lbgen {' '.join(stage.args)}", flush=True)
-            start = time.perf_counter()
+            start, started = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S")
             # progress bars are noise in a log file; a terminal keeps them
             quiet = [] if sys.stdout.isatty() or stage.args[0] == "export" else ["--trainer.enable_progress_bar=false"]
             if in_process:
@@ -262,8 +258,8 @@ def run_stages(stages: list[Stage], workdir: Path, lbgen: list[str], until: str 
                 why = f"exit code {code}" if code else f"finished without writing {stage.done}"
                 raise RuntimeError(f"Stage {stage.name} failed ({why}) after {seconds} s; fix it and rerun: the "
                                    f"finished stages are kept.")
-            entry = {"seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-            _record_stage(log_file, stage.name, entry)
+            entry = {"seconds": seconds, "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+            record_stage(log_file, stage.name, entry)
             print(f"{head}: done in {seconds} s", flush=True)
             results.append({"name": stage.name, "status": "ran", **entry})
         if until is not None and stage.name == until:
@@ -272,7 +268,8 @@ def run_stages(stages: list[Stage], workdir: Path, lbgen: list[str], until: str 
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``lbgen experiment FILE [--workdir DIR] [--until STAGE] [--dry-run] [--report-only]``."""
+    """``lbgen experiment FILE [--workdir DIR] [--until STAGE] [--dry-run] [--report-only] [--in-process]
+    [--jobs N] [--executor local|slurm|submitit-local]``."""
     parser = argparse.ArgumentParser(prog="lbgen experiment", description=__doc__.split("\n\n")[0])
     parser.add_argument("file", type=Path, help="the experiment YAML")
     parser.add_argument("--workdir", type=Path, default=Path("."), help="where runs/ and the report go")
@@ -282,7 +279,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--in-process", action="store_true",
                         help="run the stages in this process (saves the start-up time of each; single-process "
                              "stages only)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="stages at once: those that do not need each other's outputs (default 1: one after the "
+                             "other, their output on this terminal; more: each stage's output in stage_logs/)")
+    parser.add_argument("--executor", choices=EXECUTORS, default="local",
+                        help="where stages run: local subprocesses, one SLURM job each through submitit (slurm; the "
+                             "experiment file's resources section), or submitit's local executor (submitit-local)")
     args = parser.parse_args(argv)
+    parallel = args.jobs != 1 or args.executor != "local"
+    if args.jobs < 1:
+        parser.error(f"--jobs is the number of stages at once, at least 1; got {args.jobs}")
+    if parallel and args.in_process:
+        parser.error("--in-process runs the stages one after the other in this process: drop --jobs / --executor")
     spec = load_experiment(args.file)
     stages = expand_stages(spec)
     workdir = args.workdir.resolve()
@@ -293,7 +301,11 @@ def main(argv: list[str] | None = None) -> None:
     elif missing and not args.report_only:
         raise SystemExit(f"{args.file} needs {', '.join(missing)} in {workdir}, made by another experiment (see the "
                          "file's header); run that one in this workdir first.")
-    if not args.report_only:
+    if not args.report_only and parallel:
+        names = [stage.name for stage in stages]
+        chosen = stages[:names.index(args.until) + 1] if args.until in names else stages
+        run_parallel(chosen, workdir, lbgen, args.jobs, args.executor, spec.get("resources"), args.dry_run)
+    elif not args.report_only:
         run_stages(stages, workdir, lbgen, args.until, args.dry_run, args.in_process)
     if spec.get("report") and not args.dry_run and (args.until is None or args.report_only):
         from lbgen.evaluation.report import write_report

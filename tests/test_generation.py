@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -15,8 +16,11 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 
+from lbgen.callbacks.dataset_writer import write_sample_grid
 from lbgen.components import PretrainedGenerator
 from lbgen.datamodules import (
     FashionMNISTDataModule,
@@ -281,3 +285,79 @@ def test_rerun_generates_only_what_is_missing(tiny_generator, fmnist_fixture, tm
         model, data, return_predictions=False)
     assert 0 < len(data.dataset) < 5  # only the chunks of the lost shard, not all 5 again
     assert len(read_manifest(out)[1]) == 20
+
+
+# --- sources at the generator's size, progress, the sample grid -----------------------------------------------------
+def test_sources_at_another_size_than_the_generators_are_refused(tiny_generator, fmnist_fixture, tmp_path):
+    data = GenerationRequestsDataModule(source_data=FashionMNISTDataModule(root=str(fmnist_fixture), shots=5,
+                                                                           image_size=32), method="img2img")
+    model = GenerationSystem(PretrainedGenerator(str(tiny_generator)), output_dir=str(tmp_path / "out"))
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match=r"source images are 32 px but the generator makes 16 px images.*"
+                                         r"source_data.init_args.image_size: 16"):
+        trainer.predict(model, data, return_predictions=False)
+    assert not (tmp_path / "out" / MANIFEST_FILE).exists()
+
+
+@pytest.mark.slow
+def test_progress_is_shown_logged_and_the_grid_written(tiny_generator, fmnist_fixture, tmp_path):
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("lightning.pytorch").addHandler(handler)
+    try:
+        data = GenerationRequestsDataModule(source_data=_source(fmnist_fixture), batch_size=4, images_per_class=2)
+        model = GenerationSystem(PretrainedGenerator(str(tiny_generator)), output_dir=str(tmp_path / "out"),
+                                 num_inference_steps=2, shard_size=8)
+        L.Trainer(accelerator="cpu", devices=1, logger=CSVLogger(tmp_path / "logs"), log_every_n_steps=2,
+                  enable_progress_bar=False).predict(model, data, return_predictions=False)
+    finally:
+        logging.getLogger("lightning.pytorch").removeHandler(handler)
+    # no progress bar: a line after the first batch (and every 30 s), then the totals
+    assert any(line.startswith("generated 4/20 images, ") and " img/s, ETA " in line for line in lines)
+    assert any(line.startswith("Generation: 20 images in ") for line in lines)
+    metrics = (tmp_path / "logs" / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    assert metrics[0].split(",") == ["generation/images", "generation/images_per_s", "step"]
+    assert [row.split(",")[0] for row in metrics[1:]] == ["8.0", "16.0", "20.0"]  # batches 2, 4, and the last
+    assert all(float(row.split(",")[1]) > 0 for row in metrics[1:])
+
+    # the grid: a row per class (2 images, then white), read back from the shards
+    grid = np.asarray(Image.open(tmp_path / "out" / "samples.png"))
+    assert grid.shape == (10 * 16 + 11 * 2, 8 * 16 + 9 * 2, 3)
+    rows = json.loads((tmp_path / "out" / "samples.json").read_text())["rows"]
+    assert [r["class_name"] for r in rows] == _source(fmnist_fixture).class_names
+    stored = pngs(tmp_path / "out")
+    assert np.array_equal(grid[2 + 18:2 + 18 + 16, 2 + 18:2 + 18 + 16], _decode(stored[rows[1]["ids"][1] + ".png"]))
+    assert (grid[2:18, 2 + 3 * 18:2 + 3 * 18 + 16] == 255).all()
+    # more classes than rows: spread over them
+    write_sample_grid(tmp_path / "out", read_manifest(tmp_path / "out")[1], per_class=1, max_classes=3)
+    assert [r["class_index"] for r in json.loads((tmp_path / "out" / "samples.json").read_text())["rows"]] == [0, 4, 9]
+    assert Image.open(tmp_path / "out" / "samples.png").size == (16 + 2 * 2, 3 * 16 + 4 * 2)
+
+    # a rerun with every image done (killed before the manifest) writes it and the grid, from the stored images
+    (tmp_path / "out" / "samples.png").unlink()
+    manifest = (tmp_path / "out" / MANIFEST_FILE).read_bytes()
+    (tmp_path / "out" / MANIFEST_FILE).unlink()
+    data = GenerationRequestsDataModule(source_data=_source(fmnist_fixture), batch_size=4, images_per_class=2)
+    model = GenerationSystem(PretrainedGenerator(str(tiny_generator)), output_dir=str(tmp_path / "out"),
+                             num_inference_steps=2, shard_size=8)
+    L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False).predict(
+        model, data, return_predictions=False)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "samples.png")), grid)
+    assert (tmp_path / "out" / MANIFEST_FILE).read_bytes() == manifest
+
+    # with a TQDM bar the figures are its postfix
+    bar = TQDMProgressBar()
+    model = GenerationSystem(PretrainedGenerator(str(tiny_generator)), output_dir=str(tmp_path / "bar"),
+                             num_inference_steps=2, shard_size=8)
+    L.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[bar]).predict(
+        model, GenerationRequestsDataModule(source_data=_source(fmnist_fixture), batch_size=4, images_per_class=1),
+        return_predictions=False)
+    assert bar.predict_progress_bar.postfix.startswith("generated 10/10 images, ")
+    rich = RichProgressBar()  # or the description of the Rich one
+    model = GenerationSystem(PretrainedGenerator(str(tiny_generator)), output_dir=str(tmp_path / "rich"),
+                             num_inference_steps=2, shard_size=8)
+    L.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[rich]).predict(
+        model, GenerationRequestsDataModule(source_data=_source(fmnist_fixture), batch_size=4, images_per_class=1),
+        return_predictions=False)
+    assert rich.progress.tasks[rich.predict_progress_bar_id].description.startswith("Generating: generated 10/10 ")

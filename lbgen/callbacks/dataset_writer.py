@@ -2,24 +2,32 @@
 
 from __future__ import annotations
 
+import io
 import json
 import queue
+import tarfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from PIL import Image
+from torchvision.utils import make_grid
 
 from lbgen.storage.dataset_format import (
     INTERNAL_KEYS,
     RUN_FILE,
     SHARD_DIR,
     complete_shards,
+    decode_image,
     encode_image,
+    member_extension,
     new_shard_tag,
     png_bytes,
     read_index,
@@ -33,8 +41,55 @@ from lbgen.storage.dataset_format import (
     write_run,
     write_shard,
 )
+from lbgen.storage.files import atomic_write, atomic_write_json
 
 _STOP = object()
+
+SAMPLE_GRID = "samples.png"
+"""The per-class sample grid a generation run leaves in its dataset folder; ``samples.json`` names its rows."""
+
+
+def write_sample_grid(folder: Path, records: list[dict[str, Any]], per_class: int = 8, max_classes: int = 50,
+                      max_side: int = 128) -> Path | None:
+    """Write ``samples.png``: one row per class, its first ``per_class`` images (by request index) read back from the
+    shards, and ``samples.json``: the rows' class index, name and image ids. Both written atomically.
+
+    Beyond ``max_classes`` classes, ``max_classes`` rows evenly spread over the classes present (first and last
+    included). Tiles are the stored side, at most ``max_side`` px (bicubic, antialiased); a class with fewer
+    images has white tiles at the end of its row. Returns the PNG's path (None: no records).
+    """
+    by_class: dict[int, list[dict[str, Any]]] = {}
+    for record in sorted(records, key=lambda r: (r["class_index"], r.get("index", 0), r["id"])):
+        by_class.setdefault(record["class_index"], []).append(record)
+    if not by_class:
+        return None
+    classes = sorted(by_class)
+    if len(classes) > max_classes:
+        classes = [classes[i] for i in np.unique(np.linspace(0, len(classes) - 1, max_classes).round().astype(int))]
+    chosen = [by_class[c][:per_class] for c in classes]
+    first = chosen[0][0]
+    side = min(int(first.get("save_size") or first.get("image_size") or max_side), max_side)
+    tiles = torch.full((len(classes) * per_class, 3, side, side), 255, dtype=torch.uint8)
+    wanted = {r["id"]: (row * per_class + i, r) for row, rs in enumerate(chosen) for i, r in enumerate(rs)}
+    by_shard: dict[str, list[str]] = {}
+    for image_id, (_, record) in wanted.items():
+        by_shard.setdefault(record["shard"], []).append(image_id)
+    for shard, ids in by_shard.items():
+        path = folder / SHARD_DIR / shard
+        with tarfile.open(path) as tar:  # reads member headers only: seeks past the other images' bytes
+            for image_id in ids:
+                slot, record = wanted[image_id]
+                ext = member_extension(record)
+                data = tar.extractfile(f"{image_id}.{ext}").read()
+                tiles[slot] = decode_image(data, path, image_id, side, ext)
+    grid = make_grid(tiles, nrow=per_class, padding=2, pad_value=255)
+    buffer = io.BytesIO()
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
+    atomic_write_json(folder / "samples.json", {
+        "image": SAMPLE_GRID, "tile_px": side, "per_class": per_class, "classes_total": len(by_class),
+        "rows": [{"class_index": c, "class_name": rs[0].get("class_name"), "ids": [r["id"] for r in rs]}
+                 for c, rs in zip(classes, chosen, strict=True)]})
+    return atomic_write(folder / SAMPLE_GRID, buffer.getvalue())
 
 
 def request_differences(previous: dict[str, Any], current: dict[str, Any]) -> str:
@@ -116,7 +171,8 @@ class SyntheticDatasetWriter(BasePredictionWriter):
     Each process writes its own shards; a shard is renamed into place, then its index (``.jsonl``) — a shard
     without an index is partial and is removed on the next run. On a rerun, requests already in complete shards
     are skipped, so a killed run finishes with exactly the images of an uninterrupted one. At the end, rank 0
-    writes ``manifest.jsonl``: one record per image, sorted by request id.
+    writes ``manifest.jsonl``: one record per image, sorted by request id, and ``samples.png`` (``write_sample_grid``:
+    a row of images per class, read back from the shards, so a resumed run's too).
 
     A shard is closed once it holds ``shard_size`` images, or before the next image would take it past
     ``shard_max_mb``: the boundaries depend only on the request order and the encoded bytes, never on timing, so a
@@ -158,6 +214,7 @@ class SyntheticDatasetWriter(BasePredictionWriter):
         self._tag = ""
         self._count = 0
         self._worker: BackgroundWorker | None = None
+        self._active = False  # set up for predict and not failed: teardown writes the manifest
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "predict":
@@ -192,6 +249,7 @@ class SyntheticDatasetWriter(BasePredictionWriter):
         if hasattr(datamodule, "skip"):
             datamodule.skip(self._done)
         self._tag = new_shard_tag(trainer.global_rank)
+        self._active = True
 
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
                            batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -250,10 +308,32 @@ class SyntheticDatasetWriter(BasePredictionWriter):
         self._done.update(r["id"] for _, r in self._buffer)
         self._buffer, self._bytes, self._count = [], 0, self._count + 1
 
-    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _finish_local(self) -> None:
+        """This process's last shard, once the writer thread is done (idempotent)."""
         self._drain()
         self._stop_worker()
         self._flush()
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._finish_local()  # here, so that a failing write still fails the predict loop (on_exception)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # batches already handed over are finished (full shards land as they would have inline; a partial one is
+        # lost, as on any crash), then the thread ends: nothing keeps running after a failed run
+        self._active = False
+        self._stop_worker()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # The manifest and the grid are written here, not at the epoch end: Lightning skips every predict hook of a
+        # process with no batch left (a resume with everything done, or fewer chunks left than processes), while
+        # teardown runs on every process after a successful run, so the barriers always pair up.
+        if stage == "predict" and self._active:
+            self._active = False
+            self._finish_local()
+            self._write_manifest(trainer)
+        self._stop_worker()
+
+    def _write_manifest(self, trainer: L.Trainer) -> None:
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             records = sorted((r for s in complete_shards(self.output_dir) for r in read_index(s)),
@@ -262,13 +342,7 @@ class SyntheticDatasetWriter(BasePredictionWriter):
             if len(ids) != len(set(ids)):
                 raise RuntimeError(f"Duplicate images in {self.output_dir}: the shards overlap.")
             write_manifest(self.output_dir, records)
-            rank_zero_info(f"Synthetic dataset: {len(records)} images in {self.output_dir}")
+            grid = write_sample_grid(self.output_dir, records)  # from the stored images: a resumed run's too
+            rank_zero_info(f"Synthetic dataset: {len(records)} images in {self.output_dir}"
+                           + (f"; a sample per class in {grid}" if grid else ""))
         trainer.strategy.barrier()
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        # batches already handed over are finished (full shards land as they would have inline; a partial one is
-        # lost, as on any crash), then the thread ends: nothing keeps running after a failed run
-        self._stop_worker()
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._stop_worker()

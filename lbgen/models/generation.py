@@ -18,17 +18,31 @@ from diffusers import (
 )
 
 from lbgen.callbacks.dataset_writer import SyntheticDatasetWriter
+from lbgen.callbacks.generation_progress import GenerationProgress
 from lbgen.components.clip import ClipScorer
 from lbgen.components.diffusion import GeneratorSource, PretrainedGenerator
 from lbgen.components.genie_ada import adaptive_strength
 from lbgen.components.lora import lora_hash
 from lbgen.components.prompts import fill_caption
+from lbgen.components.sampling import GuidanceIntervalCallback, check_guidance_interval, guided_steps, make_sampler
 from lbgen.models.precision import low_precision_setup
 from lbgen.storage.dataset_format import shard_byte_limit, storage_record
 
 HOST_TABLE_SCHEDULERS = (DDIMScheduler, DDPMScheduler, PNDMScheduler)
-"""Schedulers whose ``step`` reads its coefficients from CPU tables whatever device the timesteps are on: given
-host timesteps they compute the same numbers with no device-to-host copy (device timesteps cost a sync per step)."""
+"""Schedulers whose ``step`` reads its coefficients from CPU tables indexed by the timestep whatever device the
+timesteps are on: given host timesteps they compute the same numbers with no device-to-host copy (device timesteps
+cost a sync per step). The others of ``SAMPLERS`` (Euler, Euler ancestral, DPM-Solver++, UniPC) index their CPU
+sigmas by a step counter, whatever the timesteps' device: device timesteps cost them one lookup sync per batch (the
+first step's index), so they keep the pipeline's device timesteps. (What a step copies to the device is the
+scheduler's own: UniPC moves two sigmas each step; DDPM and Euler ancestral draw their noise from the CPU rngs.)"""
+
+
+def source_size_error(source_size: int, image_size: int) -> ValueError:
+    """The error for img2img / GeNIe sources read at another side than the generator's images."""
+    return ValueError(f"The img2img / GeNIe source images are {source_size} px but the generator makes {image_size} px "
+                      f"images, and sources are not resized silently: set the source DataModule's image_size to "
+                      f"{image_size} (data.init_args.source_data.init_args.image_size: {image_size}), or generate at "
+                      f"the sources' side (model.init_args.image_size: {source_size}).")
 
 
 class PromptEmbeddingCache:
@@ -80,7 +94,11 @@ class GenerationSystem(L.LightningModule):
 
     Speed: prompt embeddings are cached per process; txt2img runs lbgen's own copy of the diffusers denoising loop
     (classifier-free guidance as one UNet call on ``[uncond, cond]``, no host sync per step for DDIM / DDPM / PNDM),
-    which gives the pipeline's images byte for byte; img2img calls the diffusers pipeline with the cached embeddings.
+    which gives the pipeline's images byte for byte, for every sampler of ``SAMPLERS``; img2img calls the diffusers
+    pipeline with the cached embeddings. ``guidance_interval`` saves the unconditional half of the UNet calls outside
+    it (txt2img in lbgen's loop, img2img / GeNIe through diffusers' step-end callback: ``GuidanceIntervalCallback``).
+    Progress (images/s, ETA) shows on the progress bar or in the log (``GenerationProgress``); the dataset folder gets
+    ``samples.png``, a row of images per class. img2img / GeNIe sources must be read at the generated side.
 
     Args:
         generator: where the pipeline comes from.
@@ -113,6 +131,13 @@ class GenerationSystem(L.LightningModule):
         save_size: store images resized to this side (PIL bicubic, antialiased), e.g. the classifier's 256 px for a
             512 px generator; None: as generated. The records keep ``image_size`` (the generated side) and get
             ``save_size``.
+        sampler: replace the pipeline's scheduler (txt2img and img2img) by one of ``SAMPLERS`` (``ddpm``, ``ddim``,
+            ``pndm``, ``euler``, ``euler_ancestral``, ``dpmpp_2m``, ``unipc``) built from its config; None: the
+            pipeline's own. Recorded (``sampler``) when set.
+        guidance_interval: ``[start, end]``, fractions of the sampling trajectory in [0, 1] where classifier-free
+            guidance runs: step i of N is guided when ``start <= i / N < end`` (0 = the first step, from pure noise;
+            img2img counts along the full trajectory too); the other steps run the UNet once, on the prompt only
+            (``unet_calls_per_image`` counts the calls). None or ``[0, 1]``: every step. Recorded when set.
     """
 
     def __init__(self, generator: GeneratorSource, output_dir: str, num_inference_steps: int = 20,
@@ -122,8 +147,10 @@ class GenerationSystem(L.LightningModule):
                  ada_template: str = "a photo of a {class}", num_classes: int | None = None,
                  class_names: list[str] | None = None, shard_max_mb: float | None = None,
                  image_format: Literal["png", "webp", "jpeg"] = "png", image_quality: int | None = None,
-                 save_size: int | None = None) -> None:
+                 save_size: int | None = None, sampler: str | None = None,
+                 guidance_interval: list[float] | None = None) -> None:
         super().__init__()
+        self.guidance_interval = check_guidance_interval(guidance_interval)
         # checked here, not first when the writer is made at the start of predict
         shard_byte_limit(shard_max_mb)
         storage_record(image_format, image_quality, save_size)
@@ -151,6 +178,8 @@ class GenerationSystem(L.LightningModule):
         self.num_inference_steps, self.guidance_scale, self.shard_size = num_inference_steps, guidance_scale, shard_size
         pipe = generator()
         pipe.set_progress_bar_config(disable=True)
+        if sampler is not None:
+            pipe.scheduler = make_sampler(sampler, pipe.scheduler.config)  # shared with img2img below
         self.txt2img = pipe
         self.img2img = StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
         self.img2img.set_progress_bar_config(disable=True)
@@ -173,6 +202,10 @@ class GenerationSystem(L.LightningModule):
         # only when on: runs made without these options keep their run.json, and so stay resumable
         self.generator_record.update({k: True for k, on in (("compile", compile), ("channels_last", channels_last))
                                       if on})
+        if sampler is not None:
+            self.generator_record["sampler"] = sampler
+        if self.guidance_interval is not None:
+            self.generator_record["guidance_interval"] = list(self.guidance_interval)
         if ada_strengths is not None:
             self.generator_record.update(ada_strengths=[float(r) for r in ada_strengths],
                                          ada_judge=ada_judge.name, ada_template=ada_template)
@@ -182,10 +215,17 @@ class GenerationSystem(L.LightningModule):
         # weights at every call, for no memory saved)
         frozen = [self.unet, self.vae, self.text_encoder] + ([self.ada_judge] if self.ada_judge is not None else [])
         low_precision_setup(self, frozen, lora=False)
+        # sources come from the request DataModule's source_data: refuse a size mismatch before any image is made
+        datamodule = self.trainer.datamodule
+        source = getattr(datamodule, "source_data", None)
+        source_size = getattr(source, "image_size", None)
+        if getattr(datamodule, "method", "txt2img") != "txt2img" and source_size not in (None, self.image_size):
+            raise source_size_error(source_size, self.image_size)
 
     def configure_callbacks(self) -> list[L.Callback]:
         return [SyntheticDatasetWriter(Path(self.output_dir), self.shard_size, self.generator_record,
-                                       max_pending_batches=self.writer_queue, **self.storage_options)]
+                                       max_pending_batches=self.writer_queue, **self.storage_options),
+                GenerationProgress()]
 
     @property
     def guided(self) -> bool:
@@ -216,9 +256,8 @@ class GenerationSystem(L.LightningModule):
             if len(strengths) != 1:
                 raise ValueError(f"One generation batch mixes strengths {sorted(strengths)}.")
             sources = batch["source_images"].to(self.device)
-            if sources.shape[-1] != self.image_size:
-                sources = torch.nn.functional.interpolate(sources, size=(self.image_size, self.image_size),
-                                                          mode="bilinear", antialias=True, align_corners=False)
+            if tuple(sources.shape[-2:]) != (self.image_size, self.image_size):  # other sources than setup saw
+                raise source_size_error(sources.shape[-1], self.image_size)
             strength = strengths.pop()
             if self.ada_strengths is not None:
                 images, records = self._genie_ada(sources, records, common)
@@ -227,16 +266,25 @@ class GenerationSystem(L.LightningModule):
                 latents = self.vae.encode(sources * 2 - 1).latent_dist.mode()
                 images = (self.vae.decode(latents).sample + 1) / 2
             else:
-                images = self.img2img(image=sources, strength=strength, **common).images
+                images = self.run_img2img(sources, strength, common)
         elif self.unet.config.time_cond_proj_dim is not None:  # guidance-embedding UNets (LCM): diffusers' loop
             images = self.txt2img(height=self.image_size, width=self.image_size, **common).images
         else:
             images = sample_txt2img(self.txt2img, cond, uncond, rngs, self.image_size,
-                                    self.num_inference_steps, self.guidance_scale)
+                                    self.num_inference_steps, self.guidance_scale, self.guidance_interval)
         # in fp32 as diffusers' own PIL conversion (bf16 cannot hold x * 255 to the level); one device-to-host copy
         # per batch: the sampler loop itself never waits for the device
         images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
         return {"images": images, "records": records}
+
+    def run_img2img(self, sources: torch.Tensor, strength: float, common: dict[str, Any]) -> torch.Tensor:
+        """diffusers' img2img at noise ratio ``strength``; with ``guidance_interval``, guidance switched per step."""
+        if self.guidance_interval is None or common["negative_prompt_embeds"] is None:
+            return self.img2img(image=sources, strength=strength, **common).images
+        switch = GuidanceIntervalCallback(common["prompt_embeds"], common["negative_prompt_embeds"],
+                                          self.guidance_scale, self.guidance_interval)
+        kwargs = {**common, **switch.call_kwargs(self.img2img, self.num_inference_steps, strength)}
+        return self.img2img(image=sources, strength=strength, **kwargs).images
 
     def _genie_ada(self, sources: torch.Tensor, records: list[dict[str, Any]], common: dict[str, Any]
                    ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
@@ -246,7 +294,7 @@ class GenerationSystem(L.LightningModule):
 
         def generate(r: float) -> torch.Tensor:
             seeds = [torch.Generator("cpu").manual_seed(rec["seed"]) for rec in records]
-            return self.img2img(image=sources, strength=r, **{**common, "generator": seeds}).images.float()
+            return self.run_img2img(sources, r, {**common, "generator": seeds}).float()
 
         def judge(images: torch.Tensor) -> torch.Tensor:
             return self.ada_judge.class_probabilities(images.clamp(0, 1), texts)
@@ -261,7 +309,7 @@ class GenerationSystem(L.LightningModule):
 
 def sample_txt2img(pipe: StableDiffusionPipeline, cond: torch.Tensor, uncond: torch.Tensor | None,
                    rngs: list[torch.Generator], image_size: int, num_steps: int,
-                   guidance_scale: float) -> torch.Tensor:
+                   guidance_scale: float, guidance_interval: tuple[float, float] | None = None) -> torch.Tensor:
     """Diffusers' ``StableDiffusionPipeline.__call__`` txt2img path, step for step, images in ``[0, 1]``.
 
     The same operations in the same order on the same tensors (so the same bytes for the same seeds), minus what
@@ -276,6 +324,8 @@ def sample_txt2img(pipe: StableDiffusionPipeline, cond: torch.Tensor, uncond: to
         image_size: output side in pixels.
         num_steps: sampler steps.
         guidance_scale: classifier-free guidance weight (used when ``uncond`` is given).
+        guidance_interval: guide only the steps ``guided_steps`` selects; the others run the UNet on ``cond`` alone
+            (the diffusers pipeline with ``GuidanceIntervalCallback`` gives the same bytes). None: every step.
     """
     unet, vae, scheduler = pipe.unet, pipe.vae, pipe.scheduler
     device = cond.device
@@ -287,11 +337,12 @@ def sample_txt2img(pipe: StableDiffusionPipeline, cond: torch.Tensor, uncond: to
     latents = pipe.prepare_latents(cond.shape[0], unet.config.in_channels, image_size, image_size, cond.dtype,
                                    device, rngs)
     extra = pipe.prepare_extra_step_kwargs(rngs, 0.0)
+    guided = guided_steps(len(timesteps), guidance_interval) if uncond is not None else [False] * len(timesteps)
     for i, t in enumerate(timesteps):
-        x = torch.cat([latents] * 2) if uncond is not None else latents
+        x = torch.cat([latents] * 2) if guided[i] else latents
         x = scheduler.scale_model_input(x, t)
-        noise = unet(x, unet_timesteps[i], encoder_hidden_states=hidden, return_dict=False)[0]
-        if uncond is not None:
+        noise = unet(x, unet_timesteps[i], encoder_hidden_states=hidden if guided[i] else cond, return_dict=False)[0]
+        if guided[i]:
             noise_uncond, noise_cond = noise.chunk(2)
             noise = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
         latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]

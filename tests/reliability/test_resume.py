@@ -3,6 +3,7 @@ a killed process leaves a loadable checkpoint; non-finite losses stop the run, n
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import subprocess
@@ -15,12 +16,14 @@ import torch
 import yaml
 
 from lbgen.cli import cli_main
+from lbgen.models.lean_checkpoint import LEAN_KEY
 
 from ..conftest import REPO, load_recipe, shrink
 
 SYSTEMS = {"ClassifierSystem": "classifier/fashion_5shot.yaml", "AutoencoderSystem": "foundation/fashion_vae.yaml",
            "TextToImageSystem": "bob/finetune.yaml", "ClipSystem": "foundation/fashion_clip.yaml",
            "QualitySystem": "foundation/fashion_quality.yaml", "LbGenSystem": "lbgen/fashion.yaml"}
+LEAN = {"TextToImageSystem", "LbGenSystem"}  # LoRA fine-tunes: their checkpoints leave the frozen generator out
 
 
 def short_epochs(node) -> None:
@@ -56,6 +59,11 @@ def last_weights(run_root: Path) -> dict[str, torch.Tensor]:
     return torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
 
 
+def logged_epochs(run_root: Path) -> set[str]:
+    with (run_root / "version_0" / "metrics.csv").open() as rows:
+        return {row["epoch"] for row in csv.DictReader(rows)}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("system", sorted(SYSTEMS))
 def test_crash_then_resume_gives_the_uninterrupted_weights(system, recipe_paths, tmp_path):
@@ -70,11 +78,19 @@ def test_crash_then_resume_gives_the_uninterrupted_weights(system, recipe_paths,
     cli = cli_main(["fit", "-c", str(tiny_recipe(config, recipe_paths, crashed)), "--ckpt_path", "last",
                     "--test_after_fit=no"])
     assert cli.trainer.current_epoch == 2 and cli.trainer.log_dir.endswith("version_0")  # continued, not restarted
+    # metrics.csv appended to: the rows logged before the crash are kept (Lightning's CSV logger deletes them)
+    assert logged_epochs(crashed / "runs") == logged_epochs(straight / "runs")
     expected, resumed = last_weights(straight / "runs"), last_weights(crashed / "runs")
     assert expected.keys() == resumed.keys()
     assert any(not torch.equal(interrupted[k], resumed[k]) for k in resumed)  # it trained after the crash
     for key in expected:
         torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=1e-6, msg=f"{system}: {key}")
+    (last,) = (crashed / "runs").glob("version_*/checkpoints/last.ckpt")
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    assert (LEAN_KEY in checkpoint) == (system in LEAN)
+    if system in LEAN:  # resumed exactly from a checkpoint without the frozen UNet / VAE / text encoder / judges
+        assert not [k for k in resumed if k.startswith(("unet.", "vae.", "text_encoder.", "clip.", "quality."))
+                    and "lora_" not in k]
 
 
 @pytest.mark.slow
