@@ -29,7 +29,7 @@ from common import REPO, child_env, ensure_generator, ratio  # noqa: E402
 
 def predict(generator: str, out: Path, processes: int, images_per_class: int, batch: int, steps: int,
             threads: int) -> float:
-    argv = [sys.executable, "-m", "lbgen.cli", "predict", "-c", str(REPO / "configs/generate/fashion_txt2img.yaml"),
+    argv = [sys.executable, "-m", "lbgen", "predict", "-c", str(REPO / "configs/generate/fashion_txt2img.yaml"),
             f"--model.init_args.generator.init_args.model={generator}", f"--model.init_args.output_dir={out}",
             f"--model.init_args.num_inference_steps={steps}", f"--data.init_args.images_per_class={images_per_class}",
             f"--data.init_args.batch_size={batch}", "--trainer.enable_progress_bar=false",
@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> dict:
             times[n].append(predict(generator, out, n, args.images_per_class, args.batch_size, args.steps,
                                     args.threads_per_process))
     one, two = png_bytes(args.out / "p1-0"), png_bytes(args.out / "p2-0")
+    if not one or not two:  # a command that exits 0 without generating (a wrong entry point) must not pass as a run
+        raise RuntimeError(f"lbgen predict wrote no images ({len(one)} on 1 process, {len(two)} on 2) under "
+                           f"{args.out}: check the command above.")
     result = {"images": len(one), "batch_size": args.batch_size, "steps": args.steps,
               "threads_per_process": args.threads_per_process, "rounds": {str(k): v for k, v in times.items()},
               "wall_1_s": min(times[1]), "wall_2_s": min(times[2]),

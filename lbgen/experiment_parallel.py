@@ -1,8 +1,9 @@
 """``lbgen experiment FILE --jobs N [--executor slurm]``: an experiment's stages that do not need each other at once.
 
 Which stage needs which: a stage's output is the folder of its ``done`` file (the file itself when it lies in the
-workdir); a later stage needs an earlier one when its command, or a recipe it reads (``-c``), names a path in that
-folder, the folder itself or a folder above it, or when its ``after`` names it. A stage starts once everything it
+workdir, or when other stages' done files share its folder); a later stage needs an earlier one when its command,
+or a recipe it reads (``-c``), names a path in that folder, the folder itself or a folder above it, or when its
+``after`` names it. A stage starts once everything it
 needs is done, at most N at a time, in the experiment's order:
 
 - ``local``: ``lbgen`` subprocesses here; with ``resources.gpus_per_stage`` (or a stage's ``gpus``) each one gets GPUs
@@ -148,8 +149,14 @@ def _touches(path: str, output: str) -> bool:
 
 
 def stage_dependencies(stages: list[Stage], workdir: Path) -> dict[str, list[str]]:
-    """For each stage, the earlier stages it needs, in order (see the module's docstring)."""
-    outputs = [stage_output(stage) for stage in stages]
+    """For each stage, the earlier stages it needs, in order (see the module's docstring).
+
+    Where several stages' done files share a folder (``runs/backbones/a.safetensors``, ``runs/backbones/b...``), each
+    such stage's output is its done file itself: a stage reading one backbone does not wait for all of them."""
+    folders = [stage_output(stage) for stage in stages]
+    shared = {folder for folder in folders if folders.count(folder) > 1}
+    outputs = [posixpath.normpath(stage.done) if folder in shared else folder
+               for stage, folder in zip(stages, folders, strict=True)]
     needs: dict[str, list[str]] = {}
     for i, stage in enumerate(stages):
         paths = stage_paths(stage, workdir)
@@ -328,6 +335,11 @@ def run_parallel(stages: list[Stage], workdir: Path, lbgen: list[str], jobs: int
                     continue  # waits for GPUs; a later stage that fits may start first
                 gpus, free = (free[:count], free[count:]) if executor != "slurm" else ([], free)
                 quiet = [] if stage.args[0] == "export" else ["--trainer.enable_progress_bar=false"]
+                own_root = any(w.startswith("--trainer.default_root_dir") for w in stage.args)
+                if stage.args[0] != "export" and not own_root:
+                    # stages running at once must not race for the same <root>/version_N: each logs under its own
+                    # root (a recipe's own default_root_dir is replaced only in parallel runs)
+                    quiet += ["--trainer.default_root_dir", f"{LOG_DIR}/runs/{_log_name(stage).removesuffix('.log')}"]
                 log = workdir / LOG_DIR / _log_name(stage)
                 print(f"{number[stage.name]}: lbgen {' '.join(stage.args)}  (log: {log})", flush=True)
                 handle = launcher.start(stage, [*lbgen, *stage.args, *quiet], workdir, log, gpus, count)

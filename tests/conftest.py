@@ -105,6 +105,81 @@ def tiny_generator(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+# --- real resolution: an SD-shaped tiny generator, non-square photos (what the SD recipes read in the tests) ---
+
+SD_SIDE = 256
+"""The SD-shaped tiny generator's side (latent 32) and the largest side an SD recipe's data is shrunk to."""
+PHOTO_CLASSES = ["707-320", "A300B4", "DC-3"]
+"""Class folders of the photo fixture (aircraft variants, as the real-scale recipes' FGVC-Aircraft)."""
+
+
+@pytest.fixture(scope="session")
+def sd_generators(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """SD 1.5- and SD 2.1-shaped tiny pipelines (``build_sd_like``, 256 px) saved as diffusers folders."""
+    from lbgen.components.diffusion import build_sd_like
+
+    root = tmp_path_factory.mktemp("sd_generators")
+    folders = {version: root / f"sd{version.replace('.', '')}" for version in ("1.5", "2.1")}
+    for version, folder in folders.items():
+        # fewer attention heads than SD's 8 (1.5; 2.1: heads of width 16): attention over the 32x32 latent's 1024
+        # tokens costs heads x 1024^2 per image, most of a CPU step; the layout stays SD's
+        build_sd_like(version, image_size=SD_SIDE, attention_head_dim=2 if version == "1.5" else 16,
+                      seed=0).save_pretrained(folder)
+    return folders
+
+
+def write_photo_folder(root: Path, train_per_class: int = 8, test_per_class: int = 3) -> Path:
+    """``root/{train,test}/<class>/*.jpg``: non-square JPEG photos (300x200 and 200x300) of the fashion-like class
+    patterns, coloured and noised, as a real ImageFolder dataset; plus a ``confusion_matrix.json`` for its classes."""
+    import json
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n, seed in (("train", train_per_class, 2), ("test", test_per_class, 3)):
+        images, labels = make_fashion_like(n, seed)
+        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+            if label >= len(PHOTO_CLASSES):
+                continue
+            size = (300, 200) if i % 2 else (200, 300)
+            grey = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR), dtype=np.float32)
+            colour = grey[..., None] * rng.uniform(0.5, 1.0, 3) + rng.normal(0, 8, (*grey.shape, 3))
+            folder = root / split / PHOTO_CLASSES[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(colour.clip(0, 255).astype(np.uint8)).save(folder / f"{i:03d}.jpg", quality=90)
+    # what `lbgen test` writes, for GeNIe's confusion-matrix sources: class 0 mostly confused with class 2
+    (root / "confusion_matrix.json").write_text(json.dumps(
+        {"class_names": PHOTO_CLASSES, "matrix": [[1, 0, 2], [0, 3, 0], [1, 0, 2]]}))
+    return root
+
+
+@pytest.fixture(scope="session")
+def photo_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_photo_folder(tmp_path_factory.mktemp("photos"))
+
+
+def save_tiny_blip(folder: Path) -> Path:
+    """A random BLIP captioner (model + processor) saved with ``save_pretrained``: BOB's captioner stand-in."""
+    import torch
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "the", "in", "front", "seen", "from",
+             "side", "top", "sky", "runway", "grass", "wall", "flying", "parked"]
+    folder.mkdir(parents=True)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizer.from_pretrained(folder)
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
+    torch.manual_seed(0)
+    tiny = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    config = BlipConfig(vision_config={**tiny, "image_size": 32, "patch_size": 8},
+                        text_config={**tiny, "vocab_size": len(vocab), "max_position_embeddings": 64, "pad_token_id": 0,
+                                     "bos_token_id": 2, "sep_token_id": 3, "eos_token_id": 3},
+                        projection_dim=16, image_text_hidden_size=16)
+    BlipForConditionalGeneration(config).eval().save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
 # --- the recipes of configs/, read as the CLI reads them and shrunk to tiny stand-ins (shared by the recipe tests) ---
 
 OVERLAY_MARK = re.compile(r"^# lbgen-test: overlay-of (\S+)", re.MULTILINE)
@@ -171,6 +246,11 @@ def load_recipe(config_path: Path) -> dict:
     return tree
 
 
+def reads_photos(data) -> bool:
+    """Whether a (shrunk) DataModule node reads the photo fixture, an ImageFolder: its classes are the photos'."""
+    return isinstance(data, dict) and data.get("class_path", "").endswith("ImageFolderDataModule")
+
+
 def shrink(node, paths: dict[str, Path]):
     """A copy of a recipe's tree where every heavy or external part is replaced by its tiny test stand-in."""
     if isinstance(node, list):
@@ -195,36 +275,79 @@ def shrink(node, paths: dict[str, Path]):
             if not folder.exists():
                 shutil.copytree(paths["synthetic"], folder)
         args.update(folder=str(folder), image_size=16)
+    elif name == "ImageFolderDataModule" and (args.get("image_size") or 0) >= SD_SIDE:
+        # what a generator reads (SD recipes: 384-768 px): the non-square photos at SD_SIDE, the tiny SD's side
+        args.update(train_dir=str(paths["photos"] / "train"), num_workers=0, class_names_file=None,
+                    check_cache_dir=None, batch_size=min(args.get("batch_size", 4), 4), image_size=SD_SIDE)
+        if args.get("test_dir"):
+            args["test_dir"] = str(paths["photos"] / "test")
+        if args.get("samples_per_epoch"):
+            args["samples_per_epoch"] = 16
+    elif name == "ImageFolderDataModule":  # tiny non-square photos in WordNet-id folders, named by a class map
+        from PIL import Image
+
+        from lbgen.datamodules.fashion_mnist import CLASS_NAMES
+
+        root = paths["out"] / "image_folder"
+        if not root.exists():
+            rng = np.random.default_rng(0)
+            for split, n in (("train", 3), ("test", 2)):
+                for c in range(len(CLASS_NAMES)):
+                    (root / split / f"n{c:08d}").mkdir(parents=True)
+                    for i in range(n):
+                        Image.fromarray(rng.integers(0, 255, (14, 20, 3), dtype=np.uint8)).save(
+                            root / split / f"n{c:08d}" / f"{i}.png")
+            (root / "class_map.txt").write_text("".join(f"n{c:08d}\t{n}\n" for c, n in enumerate(CLASS_NAMES)))
+        # the map always: the classes are the generated fixture's (Fashion-MNIST's), so the folder mixes with it
+        args.update(train_dir=str(root / "train"), class_names_file=str(root / "class_map.txt"), image_size=16,
+                    batch_size=8, eval_batch_size=16, num_workers=0)
+        if args.get("test_dir"):
+            args["test_dir"] = str(root / "test")
+        args.update({k: 1 for k in ("val_per_class", "shots") if args.get(k)})
     elif name == "MixedDataModule" and "samples_per_epoch" in args:
         args["samples_per_epoch"] = 16
     elif name == "GenerationRequestsDataModule":
         args.update(images_per_class=2, batch_size=4, num_workers=0)
+        photos = reads_photos(args.get("source_data"))
         if args.get("attribute_bank"):
-            args["attribute_bank"] = str(paths["bank"])
+            args["attribute_bank"] = str(paths["sd_bank" if photos else "bank"])
+        if args.get("confusion_file"):
+            args["confusion_file"] = str(paths["photos"] / "confusion_matrix.json")
+        if args.get("class_names_file"):  # ImageNet's 1000 classes: generate for two of them
+            args["classes"] = [0, 1]
     elif name == "TimmBackbone":
         args["model_name"] = "test_resnet"
         if args.get("checkpoint_path"):
             args["checkpoint_path"] = str(paths["backbone"])
     elif name == "PretrainedGenerator":
-        args["model"] = str(paths["generator"])
+        real_scale = "stable-diffusion" in args["model"]  # a hub id of SD 1.5 / 2.1: the SD-shaped tiny one
+        args["model"] = str(paths[("sd21" if "2-1" in args["model"] else "sd15") if real_scale else "generator"])
         if args.get("lora"):
-            args["lora"] = str(paths["lora"])
+            args["lora"] = str(paths["sd_lora" if real_scale else "lora"])
     elif name == "NewGenerator":
         args.update(TINY_NEW_GENERATOR, vae=str(paths["generator"] / "vae"))
-    elif name == "ClipScorer":
+    elif name == "GenerationSystem" and (args.get("generator") or {}).get("init_args", {}).get("model") in (
+            str(paths.get("sd15")), str(paths.get("sd21"))):
+        args["num_inference_steps"] = 2  # real scale: 50 steps at 256 px would be most of the test's time
+    elif name in ("ClipScorer", "ClipBackbone"):  # a CLIP judge or classifier (ViT-*/openai, local-dir:): tiny
         from .test_alignment_components import TINY_CLIP
 
         args.update(model_name="tiny", pretrained=None, model_config=TINY_CLIP)
     elif name == "QualityLoss":
+        # random weights; topiq_nr (real scale) would still download its ResNet-50: the embedded world's cnniqa
         args.update(checkpoint=None, metric_kwargs={"pretrained": None})
+        if args.get("metric", "topiq_nr") != "cnniqa":
+            args.update(metric="cnniqa", input_size=None)
     elif name == "AttributeCaptionedDataModule" and args.get("attribute_bank"):
-        args["attribute_bank"] = str(paths["bank"])
+        args["attribute_bank"] = str(paths["sd_bank" if reads_photos(args.get("data")) else "bank"])
+    elif name == "CaptionerAttributeExtractor":
+        args.update(model=str(paths["blip"]), max_new_tokens=4)
     elif name == "AttributeExtractionSystem":
         args["output"] = str(paths["out"] / "attributes.json")
     elif name == "FewShotSystem":
         # fast_dev_run reads one batch (16 test images): 2-way episodes with one query
         args.update(output=str(paths["out"] / "fewshot.json"), n_way=2, k_shots=[1], n_query=1, episodes=3,
-                    synthetic_per_class=[0, 1])
+                    synthetic_per_class=[0, 1] if args.get("synthetic_per_class", [0]) != [0] else [0])
     elif name == "ClassNamesDataModule":
         args.update(batch_size=2, samples_per_epoch=4, val_per_class=1)
     elif name == "LbGenSystem":
@@ -233,10 +356,16 @@ def shrink(node, paths: dict[str, Path]):
         args.update(image_size=16, block_out_channels=[16, 32])
     elif name == "ScoringSystem" and args.get("oracle_checkpoint"):
         args["oracle_checkpoint"] = str(paths["oracle"])
+    elif name == "DataCardSystem":  # the data card (issue 23): the tiny oracle, KID on a few subsets
+        args.update(kid_subsets=5)
+        if args.get("oracle_checkpoint"):
+            args["oracle_checkpoint"] = str(paths["oracle"])
     elif name == "ModelCheckpoint" and args.get("dirpath"):
         args["dirpath"] = str(paths["out"] / "checkpoints")
     if "output_dir" in args:
         args["output_dir"] = str(paths["out"] / name)
+    if isinstance(args.get("class_names_file"), str) and (REPO / args["class_names_file"]).is_file():
+        args["class_names_file"] = str(REPO / args["class_names_file"])  # a file of the checkout (tests run elsewhere)
     return node
 
 
@@ -258,7 +387,7 @@ def run_recipe(config_path: Path, paths: dict[str, Path], *extra: str):
 
 
 @pytest.fixture(scope="session")
-def recipe_paths(fmnist_fixture, tiny_generator, tmp_path_factory) -> dict[str, Path]:
+def recipe_paths(fmnist_fixture, tiny_generator, sd_generators, photo_folder, tmp_path_factory) -> dict[str, Path]:
     """Inputs the recipes read (data, a generator folder, a generated dataset, an attribute bank, an oracle), all
     tiny; made once per test session."""
     out = tmp_path_factory.mktemp("synthetic_fixture")
@@ -281,4 +410,13 @@ def recipe_paths(fmnist_fixture, tiny_generator, tmp_path_factory) -> dict[str, 
     run_recipe(REPO / "configs/classifier/fashion_5shot.yaml", paths, "--trainer.max_steps=1", "--test_after_fit=no",
                f"--trainer.default_root_dir={out / 'oracle'}")
     (paths["oracle"],) = (out / "oracle").glob("version_*/checkpoints/last.ckpt")
+    # real scale (the SD recipes): SD-shaped generators, a LoRA that fits them, photos, their BOB attribute bank
+    sd_unet = load_generator(str(sd_generators["1.5"])).unet
+    add_lora(sd_unet, 2, None, ["to_q", "to_v"], init=False)
+    save_lora(out / "sd_lora", sd_unet)
+    paths.update(sd15=sd_generators["1.5"], sd21=sd_generators["2.1"], sd_lora=out / "sd_lora",
+                 photos=photo_folder, blip=save_tiny_blip(out / "blip"))
+    (out / "sd").mkdir()
+    run_recipe(REPO / "configs/bob/sd21_attributes.yaml", {**paths, "out": out / "sd"})
+    paths["sd_bank"] = out / "sd" / "attributes.json"
     return paths

@@ -175,7 +175,7 @@ def test_image_folder_empty_class_and_mismatched_test(tmp_path):
 # --- augmentation -----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["none", "weak", "strong"])
+@pytest.mark.parametrize("name", ["none", "weak", "strong", "randaugment", "trivialaugment"])
 def test_augmentation_presets(name):
     torch.manual_seed(0)
     image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)

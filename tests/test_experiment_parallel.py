@@ -84,6 +84,15 @@ def test_the_benchmark_stages_wait_for_the_sets_and_models_they_read(tmp_path):
     assert {"generator", "clip", "quality"} <= set(needs["lbgen-lora"]) and "lbgen-lora" in needs["generate-lbgen"]
 
 
+def test_stages_whose_done_files_share_a_folder_wait_only_for_the_file_they_read(tmp_path):
+    stages = expand_stages(load_experiment(REPO / "configs/experiments/transfer_study.yaml"))
+    needs = stage_dependencies(stages, tmp_path)
+    # the backbones (and the probe results) share one folder each: a probe waits for its own backbone only
+    assert needs["probe-txt2img-s0-digits"] == ["pretrain-txt2img-s0"]
+    assert needs["pretrain-real-s1"] == [] and needs["pretrain-txt2img-s2"] == ["generate-txt2img"]
+    assert set(needs["generate-lbgen_aligned"]) == {"lbgen-aligned"}
+
+
 def test_independent_stages_run_at_once_and_a_dependant_waits_for_its_input(tmp_path, fake_lbgen):
     spec = {"stages": [_stage("a", "--sleep 1.5", "r/a/done.json"), _stage("b", "--sleep 1.5", "r/b/done.json"),
                        _stage("c", "--in r/a/done.json", "r/c/done.json")]}

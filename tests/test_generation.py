@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 
-from lbgen.callbacks.dataset_writer import write_sample_grid
+from lbgen.callbacks.dataset_writer import write_dataset_grid
 from lbgen.components import PretrainedGenerator
 from lbgen.datamodules import (
     FashionMNISTDataModule,
@@ -330,7 +330,7 @@ def test_progress_is_shown_logged_and_the_grid_written(tiny_generator, fmnist_fi
     assert np.array_equal(grid[2 + 18:2 + 18 + 16, 2 + 18:2 + 18 + 16], _decode(stored[rows[1]["ids"][1] + ".png"]))
     assert (grid[2:18, 2 + 3 * 18:2 + 3 * 18 + 16] == 255).all()
     # more classes than rows: spread over them
-    write_sample_grid(tmp_path / "out", read_manifest(tmp_path / "out")[1], per_class=1, max_classes=3)
+    write_dataset_grid(tmp_path / "out", read_manifest(tmp_path / "out")[1], per_class=1, max_classes=3)
     assert [r["class_index"] for r in json.loads((tmp_path / "out" / "samples.json").read_text())["rows"]] == [0, 4, 9]
     assert Image.open(tmp_path / "out" / "samples.png").size == (16 + 2 * 2, 3 * 16 + 4 * 2)
 

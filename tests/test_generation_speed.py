@@ -299,3 +299,27 @@ def test_run_all_summary_rows_and_failures():
     assert rows["input pipeline"][3] == "not run"  # the large-image part of this fake run
     assert rows["background writer"][3] == "not run"
     assert "not run" in run_all.summary_rows({})[0][3]
+
+
+def test_run_all_rows_for_time_to_n_flops_and_host_overhead():
+    run_all = bench("run_all")
+    per_image = {"plain": {"setting": "pipeline-50-g4-full", "gflop_per_image": 16.9, "unet_calls_per_image": 100},
+                 "lbgen": {"setting": "dpmpp_2m-15-g4-full", "gflop_per_image": 5.3, "unet_calls_per_image": 30}}
+    results = {"time_to_n": {"images": 1000, "speedup": 2.8, "flop_ratio": 3.2, "speedup_over_flop_ratio": 0.875,
+                             "per_image": per_image, "equal_quality": False,
+                             "plain_consistency": {"consistency": 0.8, "ci_low": 0.77, "ci_high": 0.83, "n": 1000},
+                             "lbgen_consistency": {"consistency": 0.7, "ci_low": 0.67, "ci_high": 0.73, "n": 1000}},
+               "host_overhead": {"loop": [{"shape": "sd15", "sampler": "pndm", "batch": 1, "ms_per_step": 0.4,
+                                           "sd15_guided_call_ms_at_40pct_h100": 4.06},
+                                          {"shape": "sd15", "sampler": "pndm", "batch": 64, "ms_per_step": 9.0,
+                                           "sd15_guided_call_ms_at_40pct_h100": 260.0}]},
+               "flops": "RuntimeError: meta"}
+    rows = {r[0].split(" (")[0]: r for r in run_all.summary_rows(results)}
+    assert rows["time to 1000 images: plain diffusers loop"][1:] == [2.8, ">= 2.5", "missed (consistency lower)"]
+    assert rows["wall-time ratio / FLOP ratio"][3] == "met" and rows["counted FLOPs per image, plain / lbgen"][1] == 3.2
+    assert rows["label consistency, lbgen / plain loop"][1] == pytest.approx(0.875)
+    host = [r for r in run_all.summary_rows(results) if r[0].startswith("host ms per sampler step")]
+    assert [r[3] for r in host] == ["met", "missed"]
+    assert rows["FLOP counts"][3] == "failed: RuntimeError: meta"
+    results["time_to_n"].update(equal_quality=True)
+    assert run_all.summary_rows(results)[0][3] == "met (at equal consistency)"

@@ -3,6 +3,8 @@ only LoRA and discriminator train, the saved LoRA loads in diffusers, resume con
 
 from __future__ import annotations
 
+import json
+
 import lightning as L
 import pytest
 import torch
@@ -10,11 +12,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lbgen.components.clip import ClipScorer
 from lbgen.components.diffusion import PretrainedGenerator, load_generator
-from lbgen.components.lora import LORA_FILE
-from lbgen.components.sampling import make_sampler, sample_latents
+from lbgen.components.lora import LORA_FILE, TRAINING_RECORD
+from lbgen.components.sampling import SAMPLERS, make_sampler, sample_latents
 from lbgen.datamodules.class_names import BalancedLabels, ClassNamesDataModule, read_class_names
 from lbgen.losses import QualityLoss
 from lbgen.models.lbgen_finetune import LbGenSystem
+from lbgen.models.lean_checkpoint import LEAN_KEY
 
 from .test_alignment_components import TINY_CLIP
 
@@ -81,7 +84,7 @@ def test_gradients_flow_only_through_the_last_k_steps(tiny_generator):
     with pytest.raises(ValueError, match="grad_steps"):
         sample_latents(unet, make_sampler("ddim", pipe.scheduler.config), latents, hidden, None, 1.0, 3, 4)
     with pytest.raises(ValueError, match="sampler"):
-        make_sampler("euler", pipe.scheduler.config)
+        make_sampler("plms", pipe.scheduler.config)
 
 
 def test_gradient_checkpointing_gives_the_same_gradient(tiny_generator):
@@ -156,6 +159,9 @@ def test_alternates_discriminator_and_generator_and_trains_only_lora_and_discrim
                            for n in changed)
     # the LoRA opens in diffusers through lbgen's generator source, and changes the images
     assert (tmp_path / "lora" / LORA_FILE).is_file()
+    record = json.loads((tmp_path / "lora" / TRAINING_RECORD).read_text())
+    assert record["sampler"] == "ddim" and record["num_inference_steps"] == 4
+    assert record["base_generator"] == str(tiny_generator)
     base = load_generator(str(tiny_generator))
     tuned = PretrainedGenerator(str(tiny_generator), lora=str(tmp_path / "lora"))()
     kwargs = dict(num_inference_steps=3, guidance_scale=2.0, output_type="pt")
@@ -172,13 +178,53 @@ def test_resume_from_a_checkpoint_reaches_the_same_lora(tiny_generator, tmp_path
     every = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="mid", every_n_train_steps=3, save_top_k=-1)
     fit(first, tmp_path / "b", batches=4, max_steps=3, callbacks=[every], enable_checkpointing=True)
     ckpt = tmp_path / "ckpt" / "mid.ckpt"
-    saved = torch.load(ckpt, weights_only=True)["state_dict"]
+    checkpoint = torch.load(ckpt, weights_only=True)
+    saved = checkpoint["state_dict"]
     assert saved and all("lora_" in k or k.startswith("dataset_alignment.") or k == "steps_done" for k in saved)
+    # lean: the LoRA, the discriminator (its running feature means too) and the step; no frozen generator, CLIP or
+    # quality weight
+    frozen = ("unet.", "vae.", "text_encoder.", "clip.", "quality.")
+    lora = {n for n, p in first.unet.named_parameters(prefix="unet") if p.requires_grad}
+    discriminator = {n for n in first.state_dict() if n.startswith("dataset_alignment.")}
+    assert {"dataset_alignment.image_mean", "dataset_alignment.text_mean"} <= discriminator
+    assert set(saved) == lora | discriminator | {"steps_done"}
+    assert checkpoint[LEAN_KEY]["frozen_prefixes"] == list(frozen)
+    assert set(checkpoint[LEAN_KEY]["fingerprints"]) == set(frozen)
     resumed = make_trainer(tiny_generator, discriminator_warmup_steps=1)
     fit(resumed, tmp_path / "b", batches=4, ckpt_path=ckpt)
     assert int(resumed.steps_done) == int(straight.steps_done) == 4
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_every_sampler_name_trains(name, tiny_generator):
+    """Each of lbgen's sampler names builds lbGen's training-time sampler, and its images carry a LoRA gradient."""
+    system = make_trainer(tiny_generator, weights=(0.0, 1.0, 0.0), sampler=name, num_inference_steps=3, grad_steps=1)
+    assert type(system.sampler) is SAMPLERS[name].scheduler and system.sampler_name == name
+    images = system.generate(torch.tensor([0, 3]), seed=[1, 2])
+    assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+    grads = torch.autograd.grad(images.mean(), list(lora_parameters(system).values()), allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_unknown_sampler_is_refused_before_loading(tiny_generator):
+    # the name is checked first: a generator that does not exist is never reached
+    with pytest.raises(ValueError, match=r"sampler must be one of .*'ddim'.*got 'plms'"):
+        LbGenSystem(PretrainedGenerator(str(tiny_generator / "missing")), sampler="plms")
+
+
+def test_validation_grid_of_the_training_sampler(tiny_generator, tmp_path):
+    system = make_trainer(tiny_generator, weights=(0.0, 1.0, 0.0), sample_grid_classes=2, sample_grid_seeds=3)
+    data = ClassNamesDataModule(class_names=CLASSES, batch_size=2, samples_per_epoch=2, val_per_class=1)
+    L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=1,
+              num_sanity_val_steps=0).fit(system, datamodule=data)
+    (grid,) = (tmp_path / "samples").glob("step_*.png")
+    assert grid.name == "step_1.png"
+    from PIL import Image
+
+    assert Image.open(grid).size == (3 * (16 + 2) + 2, 2 * (16 + 2) + 2)
 
 
 def test_class_names_data_are_balanced_seeded_and_checked(tmp_path):

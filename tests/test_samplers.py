@@ -221,3 +221,25 @@ def test_img2img_and_genie_generate_with_a_guidance_interval(tiny_generator, fmn
     _, img2img = generate(tiny_generator, fmnist_fixture, tmp_path / "i2i", method="img2img", strength=0.7, **kwargs)
     _, genie = generate(tiny_generator, fmnist_fixture, tmp_path / "genie", method="genie", **kwargs)
     assert len(img2img) == len(genie) == 10 and all(r["guidance_interval"] == [0.0, 0.5] for r in img2img + genie)
+
+
+def test_generation_warns_when_the_lora_was_trained_through_another_sampler(recipe_paths, tmp_path):
+    import shutil
+
+    from lbgen.components.lora import TRAINING_RECORD
+
+    lora = tmp_path / "lora"
+    shutil.copytree(recipe_paths["lora"], lora)
+    (lora / TRAINING_RECORD).write_text(json.dumps({"sampler": "ddpm", "num_inference_steps": 50,
+                                                     "guidance_scale": 2.0}))
+    generator = PretrainedGenerator(str(recipe_paths["generator"]), lora=str(lora))
+    with pytest.warns(UserWarning, match=r"sampler ddpm \(here DDIMScheduler\).*num_inference_steps 50 \(here 4\)"):
+        GenerationSystem(generator, output_dir=str(tmp_path / "out"), num_inference_steps=4, guidance_scale=2.0)
+    as_trained = {"sampler": "ddim", "num_inference_steps": 4, "guidance_scale": 2.0}
+    (lora / TRAINING_RECORD).write_text(json.dumps(as_trained))
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        GenerationSystem(generator, output_dir=str(tmp_path / "out"), num_inference_steps=4, guidance_scale=2.0)
+    assert not [w for w in caught if "The LoRA was trained" in str(w.message)]  # as trained: no warning

@@ -49,7 +49,7 @@ SAMPLE_GRID = "samples.png"
 """The per-class sample grid a generation run leaves in its dataset folder; ``samples.json`` names its rows."""
 
 
-def write_sample_grid(folder: Path, records: list[dict[str, Any]], per_class: int = 8, max_classes: int = 50,
+def write_dataset_grid(folder: Path, records: list[dict[str, Any]], per_class: int = 8, max_classes: int = 50,
                       max_side: int = 128) -> Path | None:
     """Write ``samples.png``: one row per class, its first ``per_class`` images (by request index) read back from the
     shards, and ``samples.json``: the rows' class index, name and image ids. Both written atomically.
@@ -171,7 +171,7 @@ class SyntheticDatasetWriter(BasePredictionWriter):
     Each process writes its own shards; a shard is renamed into place, then its index (``.jsonl``) — a shard
     without an index is partial and is removed on the next run. On a rerun, requests already in complete shards
     are skipped, so a killed run finishes with exactly the images of an uninterrupted one. At the end, rank 0
-    writes ``manifest.jsonl``: one record per image, sorted by request id, and ``samples.png`` (``write_sample_grid``:
+    writes ``manifest.jsonl``: one record per image, sorted by request id, and ``samples.png`` (``write_dataset_grid``:
     a row of images per class, read back from the shards, so a resumed run's too).
 
     A shard is closed once it holds ``shard_size`` images, or before the next image would take it past
@@ -342,7 +342,7 @@ class SyntheticDatasetWriter(BasePredictionWriter):
             if len(ids) != len(set(ids)):
                 raise RuntimeError(f"Duplicate images in {self.output_dir}: the shards overlap.")
             write_manifest(self.output_dir, records)
-            grid = write_sample_grid(self.output_dir, records)  # from the stored images: a resumed run's too
+            grid = write_dataset_grid(self.output_dir, records)  # from the stored images: a resumed run's too
             rank_zero_info(f"Synthetic dataset: {len(records)} images in {self.output_dir}"
                            + (f"; a sample per class in {grid}" if grid else ""))
         trainer.strategy.barrier()

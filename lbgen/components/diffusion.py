@@ -2,7 +2,8 @@
 
 A generator is a ``StableDiffusionPipeline`` (UNet2DConditionModel + AutoencoderKL + CLIPTextModel + CLIPTokenizer +
 scheduler). Real use loads SD 1.5 / 2.1 by hub id or folder; the embedded world and the tests build small ones
-from the same classes, with a tokenizer made from the BPE vocabulary that ships inside open_clip (no download).
+from the same classes (``build_generator``; ``build_sd_like``: SD's own layout at small widths, which the real-scale
+recipes run on in the tests), with a tokenizer made from the BPE vocabulary that ships inside open_clip (no download).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import gzip
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from lbgen.components.lora import load_lora
@@ -54,6 +55,18 @@ def build_vae(image_size: int, block_out_channels: tuple[int, ...], latent_chann
         norm_num_groups=norm_num_groups or min(32, *block_out_channels), sample_size=image_size)
 
 
+def _clip_text(width: int, layers: int, heads: int, intermediate: int | None, max_prompt_length: int,
+               hidden_act: str = "quick_gelu") -> tuple[CLIPTokenizer, CLIPTextModel]:
+    """OpenAI CLIP's tokenizer and a random ``CLIPTextModel`` of the given width (= the UNet's cross-attention)."""
+    tokenizer = build_clip_tokenizer(max_prompt_length)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, projection_dim=width, intermediate_size=intermediate or 2 * width,
+        num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=max_prompt_length,
+        hidden_act=hidden_act, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))
+    return tokenizer, text_encoder
+
+
 def build_generator(
     image_size: int = 32,
     vae_channels: tuple[int, ...] = (32, 64),
@@ -90,18 +103,83 @@ def build_generator(
         up_block_types=("CrossAttnUpBlock2D",) * (len(unet_channels) - 1) + ("UpBlock2D",),
         cross_attention_dim=cross_attention_dim, attention_head_dim=attention_head_dim)
     vae = build_vae(image_size, vae_channels, latent_channels, layers_per_block, groups)
-    tokenizer = build_clip_tokenizer(max_prompt_length)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=cross_attention_dim, projection_dim=cross_attention_dim,
-        intermediate_size=text_intermediate or 2 * cross_attention_dim, num_hidden_layers=text_layers,
-        num_attention_heads=text_heads, max_position_embeddings=max_prompt_length,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    tokenizer, text_encoder = _clip_text(cross_attention_dim, text_layers, text_heads, text_intermediate,
+                                         max_prompt_length)
     noise_scheduler = SAMPLERS[scheduler](
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
         prediction_type=prediction_type, **({"set_alpha_to_one": False, "steps_offset": 1} if scheduler == "ddim"
                                             else {}))
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=noise_scheduler, safety_checker=None, feature_extractor=None,
+                                   image_encoder=None, requires_safety_checker=False)
+
+
+SD_VERSIONS = ("1.5", "2.1")
+"""The Stable Diffusion layouts ``build_sd_like`` copies (2.1: the 512-px ``stable-diffusion-2-1-base``)."""
+
+
+def build_sd_like(
+    version: str = "1.5",
+    image_size: int = 256,
+    unet_channels: tuple[int, int, int, int] = (32, 32, 64, 64),
+    vae_channels: tuple[int, int, int, int] = (16, 16, 32, 32),
+    layers_per_block: int = 1,
+    cross_attention_dim: int = 32,
+    attention_head_dim: int = 8,
+    text_layers: int = 2,
+    text_heads: int = 4,
+    seed: int = 0,
+) -> StableDiffusionPipeline:
+    """A randomly initialised pipeline with Stable Diffusion 1.5's (or 2.1-base's) architecture at small widths.
+
+    The same classes and layout as the real model (``configs/scale/sd15_*.json``): UNet blocks CrossAttnDown x3 +
+    Down / Up + CrossAttnUp x3 with a cross-attention mid block, a 4-channel latent, a 4-level VAE (8x down) with
+    SD's ``scaling_factor`` 0.18215, a 77-token ``CLIPTextModel`` and the pipeline's own PNDM scheduler; 2.1 adds the
+    linear attention projections, head widths growing with depth and a GELU text encoder. Only the widths and the
+    depth are small, so recipes written for SD run on it at real resolution (the tests: 256 px, latent 32).
+
+    Args:
+        version: ``1.5`` or ``2.1``.
+        image_size: output side in pixels (a multiple of 64: 8x VAE, 3 UNet downsamplings).
+        unet_channels: the 4 UNet block widths (SD: 320, 640, 1280, 1280).
+        vae_channels: the 4 VAE block widths (SD: 128, 256, 512, 512).
+        layers_per_block: ResNet layers per UNet / VAE block (SD: 2).
+        cross_attention_dim: text-encoder width = UNet cross-attention width (SD 1.5: 768, 2.1: 1024).
+        attention_head_dim: 1.5: the attention heads of every block (diffusers reads SD 1.5's ``attention_head_dim:
+            8`` so); 2.1: the width of one head (SD: 64), so the wider blocks have more heads.
+        text_layers: text-encoder layers (SD 1.5: 12).
+        text_heads: text-encoder heads (SD 1.5: 12).
+        seed: seed of the random initialisation.
+    """
+    if version not in SD_VERSIONS:
+        raise ValueError(f"version must be one of {list(SD_VERSIONS)}, got {version!r}.")
+    if len(unet_channels) != 4 or len(vae_channels) != 4:
+        raise ValueError(f"SD has 4 UNet and 4 VAE blocks: got unet_channels {unet_channels}, vae_channels "
+                         f"{vae_channels}; use build_generator for other layouts.")
+    if image_size % 64:
+        raise ValueError(f"image_size must be a multiple of 64 (8x VAE times 8x UNet), got {image_size}.")
+    torch.manual_seed(seed)
+    if version == "1.5":
+        # diffusers reads SD 1.5's attention_head_dim as the number of heads (a historical misnomer)
+        heads, linear, act = attention_head_dim, False, "quick_gelu"
+    else:
+        heads, linear, act = tuple(max(1, c // attention_head_dim) for c in unet_channels), True, "gelu"
+    unet = UNet2DConditionModel(
+        sample_size=image_size // 8, in_channels=4, out_channels=4, layers_per_block=layers_per_block,
+        block_out_channels=tuple(unet_channels), norm_num_groups=min(32, *unet_channels),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=cross_attention_dim, attention_head_dim=heads, use_linear_projection=linear)
+    vae = build_vae(image_size, vae_channels, 4, layers_per_block, min(32, *vae_channels))
+    tokenizer, text_encoder = _clip_text(cross_attention_dim, text_layers, text_heads, None, 77, act)
+    # SD's own scheduler (its scheduler_config.json): what `sampler: null` in a generation recipe runs
+    # from a config as the hub's file, clip_sample false included: a sampler built from it (lbGen's DDPM, a
+    # generation `sampler: ddim`) then never clips latents, as with the real SD 1.5 / 2.1
+    scheduler = PNDMScheduler.from_config({"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                                           "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+                                           "clip_sample": False})
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    image_encoder=None, requires_safety_checker=False)
 
 

@@ -11,11 +11,14 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 
-from lbgen.storage.files import looks_local
+from lbgen.storage.files import looks_local, read_json
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 LORA_FILE = "pytorch_lora_weights.safetensors"
+TRAINING_RECORD = "lbgen_training.json"
+"""Written beside a LoRA by the fine-tune that made it: the base generator, sampler, steps and guidance it was
+trained with (``read_training_record``; generation warns when it samples otherwise)."""
 
 
 def add_lora(module: nn.Module, rank: int, alpha: float | None, targets: tuple[str, ...] | list[str],
@@ -111,3 +114,15 @@ def lora_hash(path: str | Path | None) -> str | None:
     path = Path(path)
     path = path / LORA_FILE if path.is_dir() else path
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def read_training_record(lora: str | Path | None) -> dict | None:
+    """The ``TRAINING_RECORD`` beside a local LoRA (its folder, or the folder of its weights file); None without one."""
+    if not lora or not looks_local(str(lora), (".safetensors", ".bin", ".pt")):
+        return None
+    path = Path(lora).expanduser()
+    path = (path if path.is_dir() else path.parent) / TRAINING_RECORD
+    if not path.is_file():
+        return None
+    record = read_json(path, "write it again by rerunning the fine-tune, or delete it")
+    return record if isinstance(record, dict) else None

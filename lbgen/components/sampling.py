@@ -99,11 +99,13 @@ def unet_calls_per_image(num_steps: int, guidance_scale: float, guidance_interva
                          strength: float | None = None) -> int:
     """UNet forward passes one image costs (a guided step runs it on ``[uncond, cond]``: 2, an unguided one: 1).
 
-    For a sampler with one UNet call a step (every one of ``SAMPLERS``) and a UNet without a guidance embedding;
-    guidance runs when ``guidance_scale > 1``, on the steps ``guided_steps`` selects.
+    For a sampler with one UNet call a timestep and a UNet without a guidance embedding; guidance runs when
+    ``guidance_scale > 1``, on the steps ``guided_steps`` selects.
 
     Args:
-        num_steps: sampler steps of the full trajectory (``num_inference_steps``).
+        num_steps: timesteps of the full trajectory: ``num_inference_steps`` for every sampler but PNDM, whose
+            PLMS warm-up makes ``num_inference_steps + 1`` (pass ``len(scheduler.timesteps)`` after
+            ``set_timesteps`` to be exact for any sampler).
         guidance_scale: classifier-free guidance weight.
         guidance_interval: ``[start, end]`` fractions of the trajectory that are guided; None: all.
         strength: img2img / GeNIe noise ratio r: only the last ``int(num_steps * r)`` steps run (diffusers' rule);

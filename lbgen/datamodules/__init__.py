@@ -9,6 +9,8 @@ from lbgen.datamodules.fashion_mnist import CLASS_NAMES as FASHION_MNIST_CLASSES
 from lbgen.datamodules.fashion_mnist import FashionMNISTDataModule
 from lbgen.datamodules.image_folder import BadImageError, ImageFolderDataModule
 from lbgen.datamodules.order import KeyedDataset, SeededDistributedSampler
+from lbgen.datamodules.packaged import PackagedImageDataModule
+from lbgen.datamodules.reference import RealReferenceDataModule
 from lbgen.datamodules.requests import GenerationRequestsDataModule
 from lbgen.datamodules.splits import Split, long_tail_counts, make_split
 from lbgen.datamodules.synthetic import MixedDataModule, SyntheticDataModule
@@ -17,6 +19,6 @@ from lbgen.storage.dataset_format import read_manifest, request_seed
 __all__ = ["REAL", "SYNTHETIC", "FASHION_MNIST_CLASSES", "AttributeCaptionedDataModule", "BadImageError",
            "ClassNamesDataModule", "ClassificationDataset", "ContextualFashionMNISTDataModule", "EpisodeDataModule",
            "FashionMNISTDataModule", "GenerationRequestsDataModule", "ImageClassificationDataModule",
-           "ImageFolderDataModule", "KeyedDataset", "MixedDataModule", "SeededDistributedSampler",
-           "Split", "SyntheticDataModule", "long_tail_counts",
+           "ImageFolderDataModule", "KeyedDataset", "MixedDataModule", "PackagedImageDataModule",
+           "RealReferenceDataModule", "SeededDistributedSampler", "Split", "SyntheticDataModule", "long_tail_counts",
            "make_split", "read_manifest", "request_seed"]

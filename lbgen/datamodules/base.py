@@ -6,7 +6,7 @@ import json
 import os
 from abc import abstractmethod
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import lightning as L
 import numpy as np
@@ -17,7 +17,17 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_co
 from lbgen.components.randomness import derive_seed
 from lbgen.datamodules.order import KeyedDataset, SeededDistributedSampler, world
 from lbgen.datamodules.splits import Split, make_split
-from lbgen.datamodules.transforms import Augmentation, BatchMix, MixCollate, augmentation_preset, eval_transform
+from lbgen.datamodules.transforms import (
+    DEFAULT_CROP_PCT,
+    Augmentation,
+    BatchMix,
+    Fit,
+    MixCollate,
+    TrainResolution,
+    augmentation_preset,
+    check_crop_scale,
+    eval_transform,
+)
 from lbgen.distributed import run_directory
 from lbgen.storage.files import atomic_write_json
 
@@ -28,7 +38,11 @@ SPLIT_FILE = "splits.json"
 
 
 class ImageSource(Protocol):
-    """A pool of images addressed by position: ``load`` returns a uint8 ``[3, S, S]`` tensor."""
+    """A pool of images addressed by position: ``load`` returns a uint8 ``[3, S, S]`` tensor.
+
+    A source reading files may also offer ``stored()``: the same images as stored (``[3, H, W]``, any shape), which
+    the DataModule's transforms bring to ``image_size`` (``train_resolution``, ``fit``).
+    """
 
     def __len__(self) -> int: ...
 
@@ -119,7 +133,24 @@ class ImageClassificationDataModule(L.LightningDataModule):
         val_per_class: images per class held out from the training pool for validation (0: no validation).
         split_seed: seed of the split.
         split_file: a ``splits.json`` written by an earlier run; its sample ids replace the seeded draw.
-        augmentation: train-time preset: ``none``, ``weak`` (crop + flip) or ``strong`` (+ colour, grayscale, blur).
+        augmentation: train-time preset: ``none``, ``weak`` (random resized crop + flip), ``strong`` (+ colour,
+            grayscale, blur), ``randaugment`` (+ RandAugment 2 ops, magnitude 9) or ``trivialaugment`` (+
+            TrivialAugmentWide); see ``lbgen.datamodules.transforms.augmentation_preset``.
+        train_resolution: where the training crop reads from. ``image_size``: images are first brought to an
+            ``image_size`` square (files: shorter side resized, then ``fit``), and the random crop works there (the
+            embedded 32-px recipes; evaluation sees the same whole square). ``source``: the random resized crop reads
+            each image as stored (a 500x375 photo, a 512-px generated image), as timm's ImageNet recipe; evaluation
+            resizes the shorter side to ``image_size / crop_pct`` and takes the centre. Only DataModules that read
+            files take ``source`` (ImageFolderDataModule, a streamed SyntheticDataModule); one holding its images
+            decoded in memory keeps them at ``image_size`` (memory: 3 S^2 bytes per image).
+        fit: non-square images (files): ``crop`` keeps the centre square, ``pad`` letterboxes them (the whole object
+            kept, bars in the ImageNet mean colour) before any crop.
+        crop_scale: area range of the random resized crop (``[low, high]``); default (0.08, 1) (timm's) with
+            ``train_resolution: source``, (0.5, 1) at ``image_size``.
+        crop_pct: with ``train_resolution: source`` and ``fit: crop``, evaluation resizes the shorter side to
+            ``image_size / crop_pct`` before the centre crop (timm's 0.875; 1.0: the whole centre square).
+        random_erasing: probability of torchvision's ``RandomErasing`` on each training image (0: off; timm recipes
+            use 0.25).
         batch_mix: CutMix / MixUp on training batches (labels become soft).
         mix_alpha: Beta distribution parameter of CutMix / MixUp.
         batch_size: training batch size per process.
@@ -148,6 +179,11 @@ class ImageClassificationDataModule(L.LightningDataModule):
         samples_per_epoch: int | None = None,
         num_workers: int = 0,
         predict_split: Literal["test", "train", "val"] = "test",
+        train_resolution: TrainResolution = "image_size",
+        fit: Fit = "crop",
+        crop_scale: tuple[float, float] | None = None,
+        crop_pct: float = DEFAULT_CROP_PCT,
+        random_erasing: float = 0.0,
     ) -> None:
         super().__init__()
         if predict_split not in ("test", "train", "val"):
@@ -163,10 +199,26 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or 4 * batch_size
         self.samples_per_epoch, self.num_workers = samples_per_epoch, num_workers
         self.predict_split = predict_split
-        augmentation_preset(augmentation, image_size)  # fail at construction on a bad preset name
+        if train_resolution not in ("image_size", "source"):
+            raise ValueError(f"train_resolution must be 'image_size' or 'source', got {train_resolution!r}.")
+        if train_resolution == "source" and not self.reads_stored_images:
+            raise ValueError(f"{type(self).__name__} holds its images decoded in memory at image_size, so "
+                             "train_resolution 'source' has nothing larger to crop from: keep train_resolution: "
+                             "image_size (or read the images from files: ImageFolderDataModule, or shards streamed "
+                             "by SyntheticDataModule).")
+        self.train_resolution, self.fit = train_resolution, fit
+        self.crop_scale, self.crop_pct = check_crop_scale(crop_scale), crop_pct
+        self.random_erasing = random_erasing
+        # fail at construction on a bad preset name, fit, crop scale or crop_pct
+        augmentation_preset(augmentation, image_size, train_resolution=train_resolution, fit=fit,
+                            crop_scale=self.crop_scale, random_erasing=random_erasing)
+        eval_transform(image_size, fit, crop_pct)
         self._pool: tuple[ImageSource, np.ndarray] | None = None
         self._split: Split | None = None
         self.train_dataset = self.val_dataset = self.test_dataset = self.predict_dataset = None
+
+    reads_stored_images: ClassVar[bool] = False
+    """Whether this DataModule can give the transforms its images as stored (``train_resolution: source``)."""
 
     # --- what a concrete dataset provides -------------------------------------------------------------------
     @property
@@ -242,22 +294,44 @@ class ImageClassificationDataModule(L.LightningDataModule):
         path.parent.mkdir(parents=True, exist_ok=True)
         return atomic_write_json(path, self.split_record())
 
+    # --- transforms ------------------------------------------------------------------------------------------
+    def train_transform(self, stored: bool = False) -> Any:
+        """The per-image training transform; ``stored``: its input is an image as stored (any shape), else an
+        ``image_size`` square."""
+        return augmentation_preset(self.augmentation, self.image_size,
+                                   train_resolution=self.train_resolution if stored else "image_size",
+                                   fit=self.fit if stored else None, crop_scale=self.crop_scale,
+                                   random_erasing=self.random_erasing)
+
+    def evaluation_transform(self, stored: bool = False) -> Any:
+        """The evaluation transform; ``stored``: its input is an image as stored, brought to ``image_size`` by ``fit``
+        (the centre ``crop_pct`` with ``train_resolution: source``, the whole centre square otherwise)."""
+        if not stored:
+            return eval_transform()
+        return eval_transform(self.image_size, self.fit, self.crop_pct if self.train_resolution == "source" else 1.0)
+
+    def _dataset(self, images: ImageSource, positions: np.ndarray, labels: np.ndarray, train: bool
+                 ) -> ClassificationDataset:
+        """Samples of ``images``; a source that can give its images as stored gives them so, and the transform
+        brings them to ``image_size`` (the random crop reading the stored image with ``train_resolution: source``)."""
+        stored = getattr(images, "stored", None)
+        source = stored() if stored is not None else images
+        transform = self.train_transform(stored is not None) if train else self.evaluation_transform(stored is not None)
+        return ClassificationDataset(source, positions, labels, transform)
+
     # --- Lightning hooks --------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         split = self.split
         images, labels = self.pool
         if stage in ("fit", "validate") and self.val_dataset is None:
-            self.val_dataset = ClassificationDataset(images, split.val, labels, eval_transform())
+            self.val_dataset = self._dataset(images, split.val, labels, train=False)
         if stage == "fit" and self.train_dataset is None:
-            self.train_dataset = ClassificationDataset(
-                images, split.train, labels, augmentation_preset(self.augmentation, self.image_size))
+            self.train_dataset = self._dataset(images, split.train, labels, train=True)
         if stage == "predict" and self.predict_split != "test" and self.predict_dataset is None:
-            self.predict_dataset = ClassificationDataset(images, getattr(split, self.predict_split), labels,
-                                                         eval_transform())
+            self.predict_dataset = self._dataset(images, getattr(split, self.predict_split), labels, train=False)
         if (stage == "test" or (stage == "predict" and self.predict_split == "test")) and self.test_dataset is None:
             test_images, test_labels = self.load_test()
-            self.test_dataset = ClassificationDataset(test_images, np.arange(len(test_labels)), test_labels,
-                                                      eval_transform())
+            self.test_dataset = self._dataset(test_images, np.arange(len(test_labels)), test_labels, train=False)
         trainer = self.trainer
         run_dir = run_directory(trainer)  # every process asks, rank 0 writes
         if trainer is not None and trainer.is_global_zero and run_dir and not trainer.fast_dev_run:

@@ -15,19 +15,19 @@ import shutil
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from lbgen.datamodules.base import ImageClassificationDataModule
 from lbgen.datamodules.class_names import check_same_classes, names_for_folders, read_class_file
 from lbgen.datamodules.order import world
+from lbgen.datamodules.transforms import Fit, fit_to_size
 from lbgen.storage.files import atomic_write_json, read_json
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -78,30 +78,43 @@ def scan_class_folders(root: Path) -> tuple[list[str], list[Path], np.ndarray]:
 
 
 class FileImageSource:
-    """Images read from files on demand, resized (shorter side) and centre-cropped to a square.
+    """Images read from files on demand, brought to an ``image_size`` square by ``fit`` (shorter side resized and
+    centre-cropped, or letterboxed), or as stored (``image_size`` None: ``stored()``, what the DataModule's transforms
+    read).
 
     With ``skip_bad_images`` (and no check at set-up), an unreadable file is replaced by the next readable image of
     the same class among ``substitutes`` (the positions its dataset reads: a k-shot split never gains an image), with
     a warning naming it and counting the files skipped so far in this process.
     """
 
-    def __init__(self, root: Path, paths: list[Path], image_size: int, labels: np.ndarray | None = None,
-                 skip_bad_images: bool = False, substitutes: np.ndarray | None = None) -> None:
-        self.root, self.paths, self.image_size = root, paths, image_size
+    def __init__(self, root: Path, paths: list[Path], image_size: int | None, labels: np.ndarray | None = None,
+                 skip_bad_images: bool = False, substitutes: np.ndarray | None = None, fit: Fit = "crop") -> None:
+        self.root, self.paths, self.image_size, self.fit = root, paths, image_size, fit
         self.labels, self.skip_bad_images = labels, skip_bad_images
         self.substitutes = np.arange(len(paths)) if substitutes is None else np.sort(np.asarray(substitutes))
-        self.resize = v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)])
+        self.resize = fit_to_size(image_size, fit) if image_size is not None else []
         self.skipped: set[int] = set()
+
+    def _like(self, image_size: int | None, substitutes: np.ndarray | None) -> FileImageSource:
+        return FileImageSource(self.root, self.paths, image_size, self.labels, self.skip_bad_images, substitutes,
+                               self.fit)
 
     def within(self, positions: np.ndarray) -> FileImageSource:
         """The same images, substituting a bad file only among ``positions``."""
-        return FileImageSource(self.root, self.paths, self.image_size, self.labels, self.skip_bad_images, positions)
+        return self._like(self.image_size, positions)
+
+    def stored(self) -> FileImageSource:
+        """The same images as stored (``[3, H, W]``): the DataModule's transforms bring them to ``image_size``."""
+        return self._like(None, self.substitutes)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def load(self, position: int) -> torch.Tensor:
-        return self.resize(TF.pil_to_tensor(self._read(position)))
+        image = TF.pil_to_tensor(self._read(position))
+        for op in self.resize:
+            image = op(image)
+        return image
 
     def _read(self, position: int) -> Image.Image:
         try:
@@ -231,8 +244,12 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         check_workers: threads decoding images for the check (default: the CPU count, at most 32).
         check_cache_dir: a folder (not the data folder: lbgen never writes there) remembering each image folder's
             check, trusted while no file's path, size or modification time changed.
-        **kwargs: split, augmentation and loader options of ``ImageClassificationDataModule``.
+        **kwargs: split, augmentation, resolution (``train_resolution``, ``fit``, ``crop_scale``, ``crop_pct``) and
+            loader options of ``ImageClassificationDataModule``.
     """
+
+    reads_stored_images: ClassVar[bool] = True
+    """Files: the training crop can read each image as stored (``train_resolution: source``)."""
 
     def __init__(self, train_dir: str, test_dir: str | None = None, check_images: bool = True,
                  skip_bad_images: bool = False, class_names_file: str | None = None, first_name_only: bool = False,
@@ -281,7 +298,7 @@ class ImageFolderDataModule(ImageClassificationDataModule):
             if empty:  # every image of a class was unreadable: training without the class would be silently wrong
                 raise ValueError(f"No readable image left in class folder(s) {', '.join(empty)} after skipping "
                                  "unreadable files; add readable images or remove the folder.")
-        return FileImageSource(root, paths, self.image_size, labels, self.skip_bad_images), labels
+        return FileImageSource(root, paths, self.image_size, labels, self.skip_bad_images, fit=self.fit), labels
 
     def load_pool(self) -> tuple[FileImageSource, np.ndarray]:
         return self._source(self.train_dir, self._train_paths, self._train_labels)

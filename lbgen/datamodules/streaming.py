@@ -176,8 +176,9 @@ class StreamingDataset(IterableDataset):
 
     Args:
         index: what to read.
-        image_size: side of the decoded images.
-        transform: per-image transform of a uint8 ``[3, S, S]`` tensor (training augmentation or evaluation).
+        image_size: side of the decoded images; None: decoded as stored (any shape), for a transform that brings
+            them to size (``train_resolution: source``).
+        transform: per-image transform of a uint8 ``[3, H, W]`` tensor (training augmentation or evaluation).
         batch_size: the loader's batch size (workers get whole batches).
         train: shuffled shards, a shuffle buffer, equal parts per process; False: every image once, in order.
         seed: seed of the shard order, the buffer and the sample keys.
@@ -189,7 +190,7 @@ class StreamingDataset(IterableDataset):
         layout: ``(processes, rank)`` instead of torch.distributed's (to read one process's share elsewhere).
     """
 
-    def __init__(self, index: ShardIndex, image_size: int, transform: Callable[[torch.Tensor], torch.Tensor],
+    def __init__(self, index: ShardIndex, image_size: int | None, transform: Callable[[torch.Tensor], torch.Tensor],
                  batch_size: int, train: bool, seed: int = 0, shuffle_buffer: int = 2000,
                  skip_bad_samples: bool = False, epoch_size: int | None = None,
                  layout: tuple[int, int] | None = None) -> None:
@@ -289,7 +290,8 @@ class StreamingDataset(IterableDataset):
                 raise ValueError(f"Sample {sample.get('__key__')!r} of shard {sample['__url__']} has no image member "
                                  f"({', '.join(IMAGE_MEMBERS)}): the shard is truncated or damaged; regenerate the "
                                  "dataset.")
-            image = decode_image(member[1], Path(sample["__url__"]), sample["__key__"], self.image_size, member[0])
+            shard = Path(sample["__url__"])
+            image = decode_image(member[1], shard, sample["__key__"], self.image_size, member[0])  # None: as stored
         except ValueError as err:
             if not self.skip_bad_samples:
                 raise

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 import numpy as np
@@ -27,7 +27,6 @@ from lbgen.datamodules.streaming import (
     StreamingLoader,
     index_folder,
 )
-from lbgen.datamodules.transforms import augmentation_preset, eval_transform
 from lbgen.storage.dataset_format import (
     MANIFEST_FILE,
     RUN_FILE,
@@ -63,13 +62,24 @@ class SyntheticDataModule(ImageClassificationDataModule):
         memory_limit_gb: ``auto`` streams above this decoded size per process.
         shuffle_buffer: samples in each loader worker's shuffle buffer (``stream``).
         skip_bad_samples: skip an undecodable image with a warning naming it instead of stopping (``stream``).
-        **kwargs: loader and augmentation options of ``ImageClassificationDataModule`` (``predict_split: train``
-            makes ``lbgen predict`` read every image, as the scorer does).
+        weight_field: a manifest score to use as each image's loss weight (soft filtering, ``memory`` mode): the
+            record's ``scores[<field>]`` (the scorer's ``clip_prob`` or ``oracle_prob``) or its own ``<field>`` (the
+            retrieval baseline's ``clip_prob`` or ``similarity``); batches then carry ``weight`` (real images 1.0 in
+            ``MixedDataModule``), read by ``SourceWeightedCrossEntropy``. None: no weights.
+        **kwargs: loader, augmentation and resolution options of ``ImageClassificationDataModule``
+            (``predict_split: train`` makes ``lbgen predict`` read every image, as the scorer does).
+            ``train_resolution: source`` crops each training image from the resolution it is stored at (512 px as
+            generated, or a ``save_size``): the shards are then streamed (``mode: auto`` streams; ``memory``, which
+            holds every image decoded at ``image_size``, refuses it: 1M images at 512 px would be 786 GB per
+            process). ``image_size`` (the default) resizes each image to ``image_size`` on decoding, in both modes.
     """
+
+    reads_stored_images: ClassVar[bool] = True
+    """Shards: a streamed image can reach the training crop as stored (``train_resolution: source``)."""
 
     def __init__(self, folder: str | list[str], max_per_class: int | None = None, view: str | None = None,
                  mode: Mode = "auto", memory_limit_gb: float = 4.0, shuffle_buffer: int = 2000,
-                 skip_bad_samples: bool = False, **kwargs) -> None:
+                 skip_bad_samples: bool = False, weight_field: str | None = None, **kwargs) -> None:
         super().__init__(max_per_class=max_per_class, **kwargs)
         if mode not in ("auto", "memory", "stream"):
             raise ValueError(f"mode must be 'auto', 'memory' or 'stream', got {mode!r}.")
@@ -96,6 +106,7 @@ class SyntheticDataModule(ImageClassificationDataModule):
         self.mode = self._choose_mode(mode, memory_limit_gb)
         self.parts: list[tuple[Path, list[dict[str, Any]]]] = []
         self.index: ShardIndex | None = None
+        self.weights: np.ndarray | None = None  # per-record loss weights (weight_field)
         if self.mode == "memory":
             if len(set(self.sources)) > 1:
                 raise ValueError(f"{self.folders} mix real and generated sets: in memory, train on them with "
@@ -114,7 +125,11 @@ class SyntheticDataModule(ImageClassificationDataModule):
                     records = [records[i] for i in keep]
                 self.parts.append((path, records))
             self._records = [r for _, records in self.parts for r in records]
+            self.weights = record_weights(self._records, weight_field) if weight_field else None
         else:
+            if weight_field is not None:
+                raise ValueError(f"weight_field {weight_field!r} reads every record's score, which a streamed set does "
+                                 "not keep: set mode: memory, or train on a filtered view instead (view: ...).")
             parts = []
             for path, run, source in zip(self.folders, runs, self.sources, strict=True):
                 ids = self._view_ids(path, manifest_length(path)) if view is not None else None
@@ -126,6 +141,15 @@ class SyntheticDataModule(ImageClassificationDataModule):
             self.index = ShardIndex.concat(parts)
 
     def _choose_mode(self, mode: Mode, memory_limit_gb: float) -> str:
+        if self.train_resolution == "source":  # the memory mode holds images at image_size: nothing larger to crop
+            if mode == "memory":
+                raise ValueError("train_resolution 'source' crops from each image as stored, which mode 'memory' does "
+                                 "not keep (it decodes every image at image_size once): set mode: stream (or auto), or "
+                                 "train_resolution: image_size.")
+            if mode == "auto":
+                rank_zero_info("SyntheticDataModule: train_resolution 'source': streaming the shards (each image "
+                               "decoded as stored, then cropped to image_size).")
+            return "stream"
         count = sum(manifest_length(path) for path in self.folders)
         decoded_gb = count * 3 * self.image_size ** 2 / 2**30
         if mode == "auto":
@@ -187,8 +211,9 @@ class SyntheticDataModule(ImageClassificationDataModule):
                ) -> StreamingDataset:
         """The streamed samples (``stream`` mode), optionally of some classes only."""
         index = self.index if classes is None else self.index.select(np.isin(self.index.labels, classes))
-        transform = augmentation_preset(self.augmentation, self.image_size) if train else eval_transform()
-        return StreamingDataset(index, self.image_size, transform, self.batch_size if train else
+        stored = self.train_resolution == "source"  # decoded as stored; the transform brings it to image_size
+        transform = self.train_transform(stored) if train else self.evaluation_transform(stored)
+        return StreamingDataset(index, None if stored else self.image_size, transform, self.batch_size if train else
                                 self.eval_batch_size, train, seed=global_seed(), shuffle_buffer=self.shuffle_buffer,
                                 skip_bad_samples=self.skip_bad_samples, epoch_size=epoch_size)
 
@@ -208,13 +233,18 @@ class SyntheticDataModule(ImageClassificationDataModule):
             return
         images, labels = self.pool
         if stage == "fit" and self.train_dataset is None:
-            self.train_dataset = ClassificationDataset(images, np.arange(len(labels)), labels,
-                                                       augmentation_preset(self.augmentation, self.image_size),
+            self.train_dataset = ClassificationDataset(images, np.arange(len(labels)), labels, self.train_transform(),
                                                        source=self.sources[0])
         if stage == "predict" and self.predict_dataset is None:
             # index i is self.records[i]: a predicting system maps its outputs back to the records
-            self.predict_dataset = ClassificationDataset(images, np.arange(len(labels)), labels, eval_transform(),
-                                                         source=self.sources[0])
+            self.predict_dataset = ClassificationDataset(images, np.arange(len(labels)), labels,
+                                                         self.evaluation_transform(), source=self.sources[0])
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.train_dataset
+        if self.weights is not None:  # soft weights: every sample carries its loss weight
+            dataset = WeightedDataset(dataset, self.weights)
+        return self.loader(dataset, train=True)
 
     def loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
         if not isinstance(dataset, (StreamingDataset, MixedStream)):
@@ -235,6 +265,36 @@ def manifest_length(folder: Path) -> int:
     read_run(folder)  # a clear error for a folder that is not a finished run
     with open(folder / MANIFEST_FILE, "rb") as f:
         return sum(1 for line in f if line.strip())
+
+
+def record_weights(records: list[dict[str, Any]], field: str) -> np.ndarray:
+    """Each record's loss weight: ``scores[field]``, else its own ``field``; checked finite and >= 0."""
+    weights = []
+    for r in records:
+        value = r.get("scores", {}).get(field, r.get(field))
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+            fix = ("score the dataset first (lbgen predict -c configs/evaluate/score_synthetic.yaml writes clip_prob "
+                   "and oracle_prob)" if value is None else "use a non-negative score")
+            raise ValueError(f"weight_field {field!r}: image {r['id']!r} has {value!r} (neither scores.{field} nor "
+                             f"{field} is a non-negative number); {fix}, or set weight_field: null.")
+        weights.append(float(value))
+    return np.asarray(weights, dtype=np.float32)
+
+
+class WeightedDataset(Dataset):
+    """A dataset's samples with a loss ``weight``: ``weights[sample["index"]]``, or 1.0 for every sample without
+    ``weights`` (the real half of a soft-weighted mixture: collated batches need the same keys in every sample)."""
+
+    def __init__(self, dataset: Dataset, weights: np.ndarray | None = None) -> None:
+        self.dataset, self.weights = dataset, weights
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: Any) -> dict[str, Any]:
+        sample = self.dataset[i]  # i may be a keyed index (seeded augmentation): passed on as is
+        weight = 1.0 if self.weights is None else float(self.weights[sample["index"]])
+        return {**sample, "weight": weight}
 
 
 def first_per_class(labels: Any, order: Any, limit: int) -> np.ndarray:
@@ -341,7 +401,10 @@ class MixedDataModule(L.LightningDataModule):
                                                   source=synthetic.source)
                 rank_zero_info(f"Synthetic images for the {len(chosen)} classes with fewer than {self.synthetic_below} "
                                f"real images ({[self.class_names[c] for c in chosen]}): {len(keep)}")
-            self.train_dataset = ConcatDataset([self.real.train_dataset, synthetic])
+            real = self.real.train_dataset
+            if self.synthetic.weights is not None:  # soft weights: synthetic by score, real 1.0
+                real, synthetic = WeightedDataset(real), WeightedDataset(synthetic, self.synthetic.weights)
+            self.train_dataset = ConcatDataset([real, synthetic])
 
     def _mixed_stream(self, classes: np.ndarray | None) -> MixedStream:
         """Real samples mixed into the streamed synthetic set: as concatenated (every synthetic and real training

@@ -18,10 +18,19 @@ Report spec (the ``report`` section of an experiment file; every path relative t
       consistency: {0.5: runs/synthetic/genie_r0.5, 0.8: runs/synthetic/genie}
     consistency:         # label consistency per dataset (scored by ScoringSystem)
       - {label: txt2img, folder: runs/synthetic/txt2img}
+    cards:               # the data card of each dataset (DataCardSystem: card.json in the folder)
+      - {label: txt2img, folder: runs/synthetic/txt2img}
     long_tail:           # overall and Many / Medium / Few accuracy of long-tailed runs
       - {label: real only, runs: runs/classifier/lt100/s*}
     fewshot:             # few-shot episodes (FewShotSystem' JSON files)
       - {label: lbGen backbone, file: runs/fewshot/lbgen_backbone.json}
+    transfer:            # the transfer study (lbgen.evaluation.transfer.transfer_section)
+      files: runs/transfer/probe/{source}_s{seed}_{set}.json
+      sources: [real, txt2img, lbgen]
+      seeds: [0, 1, 2]
+      sets: [mnist, faces, textures]
+      validation_set: digits
+      compare: [[lbgen, txt2img]]
 """
 
 from __future__ import annotations
@@ -32,7 +41,9 @@ from typing import Any
 
 import numpy as np
 
+from lbgen.evaluation.card import cards_section
 from lbgen.evaluation.fewshot import mean_ci
+from lbgen.evaluation.transfer import transfer_section
 
 REPORT_FILE = "report.md"
 
@@ -182,6 +193,8 @@ def write_report(spec: dict[str, Any], workdir: str | Path, title: str = "experi
             lines.append(f"| {row['label']} | {100 * report['overall']:.1f} | {weakest[0]} "
                          f"({100 * weakest[1]:.0f}%) | {report['n']} |")
         lines.append("")
+    if spec.get("cards"):
+        lines += cards_section(spec["cards"], workdir)
     if spec.get("long_tail"):
         lines += ["## Long tail", "", "Top-1 % overall and per bucket of classes by their real training images "
                   "(Many > 100, Medium 20-100, Few < 20); mean ± 95% CI over runs.", "",
@@ -205,6 +218,8 @@ def write_report(spec: dict[str, Any], workdir: str | Path, title: str = "experi
             lines += [f"| {row['label']} | {result['n_way']} | {r['k_shot']} | {r['synthetic_per_class']} | "
                       f"{r['mean']:.2f} ± {r['ci95']:.2f} | {r['episodes']} |" for r in result["results"]]
         lines.append("")
+    if spec.get("transfer"):
+        lines += transfer_section(spec["transfer"], workdir, stem, plot=_plot)
     if spec.get("exchange_rate"):
         lines += exchange_rate_section(spec["exchange_rate"], workdir, stem)
     if stages_file is not None and Path(stages_file).is_file():

@@ -13,3 +13,8 @@ def unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor |
         return batch["image"], batch["label"], batch.get("source")
     images, labels = batch[0], batch[1]
     return images, labels, None
+
+
+def unpack_weights(batch: Any) -> torch.Tensor | None:
+    """Per-sample loss weights ``[B]`` of a batch (``SyntheticDataModule(weight_field=...)``), None without."""
+    return batch.get("weight") if isinstance(batch, dict) else None

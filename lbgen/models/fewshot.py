@@ -31,14 +31,16 @@ class FewShotSystem(L.LightningModule):
     Args:
         backbone: a feature extractor of images in [0, 1] (e.g. ``TimmBackbone`` with ``checkpoint_path``).
         output: the result file (JSON), e.g. ``runs/fewshot/lbgen_backbone.json``.
-        n_way, k_shots, n_query, episodes: the episodes (GeNIe: 5-way 1- and 5-shot, 15 queries, 600 episodes).
+        n_way, k_shots, n_query, episodes: the episodes (GeNIe: 5-way 1- and 5-shot, 15 queries, 600 episodes);
+            ``n_way: null`` takes every class of the data (a k-shot linear probe of the whole task, as the transfer
+            study does).
         classifier: ``logistic`` (logistic regression) or ``svm`` (linear SVM) on L2-normalised features.
         c: the inverse regularisation strength of the classifier.
         synthetic_per_class: numbers of synthetic images per episode class added to the support set.
         seed: seeds the episodes and the synthetic draws.
     """
 
-    def __init__(self, backbone: nn.Module, output: str, n_way: int = 5, k_shots: list[int] | None = None,
+    def __init__(self, backbone: nn.Module, output: str, n_way: int | None = 5, k_shots: list[int] | None = None,
                  n_query: int = 15, episodes: int = 600, classifier: Classifier = "logistic", c: float = 1.0,
                  synthetic_per_class: list[int] | None = None, seed: int = 0) -> None:
         super().__init__()
@@ -86,17 +88,21 @@ class FewShotSystem(L.LightningModule):
     def _write(self, features: np.ndarray, labels: np.ndarray, syn_features: np.ndarray | None,
                syn_labels: np.ndarray | None) -> None:
         rows = []
+        n_way = self.n_way or len(self.trainer.datamodule.class_names)
         for k in self.k_shots:
-            episodes = sample_episodes(labels, self.n_way, k, self.n_query, self.episodes, seed=self.seed + k)
+            episodes = sample_episodes(labels, n_way, k, self.n_query, self.episodes, seed=self.seed + k)
             for n_syn in self.synthetic_per_class:
                 result = evaluate_episodes(features, labels, episodes, self.classifier, self.c, syn_features,
                                            syn_labels, n_syn, seed=self.seed)
+                # per-episode accuracies: the same seeded episodes score every backbone, so two result files
+                # give paired differences (lbgen.evaluation.transfer)
                 rows.append({"k_shot": k, "synthetic_per_class": n_syn, "mean": round(result["mean"], 3),
-                             "ci95": round(result["ci95"], 3), "episodes": result["episodes"]})
-                rank_zero_info(f"{self.n_way}-way {k}-shot + {n_syn} synthetic: {result['mean']:.2f} "
+                             "ci95": round(result["ci95"], 3), "episodes": result["episodes"],
+                             "accuracies": [round(float(a), 3) for a in result["accuracies"]]})
+                rank_zero_info(f"{n_way}-way {k}-shot + {n_syn} synthetic: {result['mean']:.2f} "
                                f"± {result['ci95']:.2f} %")
         data = self.trainer.datamodule
-        record = {"n_way": self.n_way, "n_query": self.n_query, "classifier": self.classifier, "c": self.c,
+        record = {"n_way": n_way, "n_query": self.n_query, "classifier": self.classifier, "c": self.c,
                   "seed": self.seed, "real_images": int(len(labels)),
                   "synthetic": data.synthetic.dataset_name if data.synthetic is not None else None, "results": rows}
         self.output.parent.mkdir(parents=True, exist_ok=True)
@@ -104,5 +110,5 @@ class FewShotSystem(L.LightningModule):
         table = ["| k-shot | + synthetic per class | accuracy % (95% CI) |", "|---:|---:|---:|"]
         table += [f"| {r['k_shot']} | {r['synthetic_per_class']} | {r['mean']:.2f} ± {r['ci95']:.2f} |" for r in rows]
         atomic_write(self.output.with_suffix(".md"), (
-                      f"{self.n_way}-way episodes ({self.episodes}, {self.n_query} queries per class, "
+                      f"{n_way}-way episodes ({self.episodes}, {self.n_query} queries per class, "
                       f"{self.classifier}) on {int(len(labels))} real images\n\n" + "\n".join(table) + "\n").encode())

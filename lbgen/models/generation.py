@@ -16,15 +16,22 @@ from diffusers import (
     StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
 )
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lbgen.callbacks.dataset_writer import SyntheticDatasetWriter
 from lbgen.callbacks.generation_progress import GenerationProgress
 from lbgen.components.clip import ClipScorer
 from lbgen.components.diffusion import GeneratorSource, PretrainedGenerator
 from lbgen.components.genie_ada import adaptive_strength
-from lbgen.components.lora import lora_hash
+from lbgen.components.lora import lora_hash, read_training_record
 from lbgen.components.prompts import fill_caption
-from lbgen.components.sampling import GuidanceIntervalCallback, check_guidance_interval, guided_steps, make_sampler
+from lbgen.components.sampling import (
+    SAMPLERS,
+    GuidanceIntervalCallback,
+    check_guidance_interval,
+    guided_steps,
+    make_sampler,
+)
 from lbgen.models.precision import low_precision_setup
 from lbgen.storage.dataset_format import shard_byte_limit, storage_record
 
@@ -209,6 +216,24 @@ class GenerationSystem(L.LightningModule):
         if ada_strengths is not None:
             self.generator_record.update(ada_strengths=[float(r) for r in ada_strengths],
                                          ada_judge=ada_judge.name, ada_template=ada_template)
+        self.check_training_record(read_training_record(lora), type(pipe.scheduler))
+
+    def check_training_record(self, record: dict[str, Any] | None, scheduler: type) -> None:
+        """Warn when the LoRA's fine-tune (its ``lbgen_training.json``, lbGen writes one) sampled otherwise: a LoRA
+        trained through the sampler learns that sampler's trajectory."""
+        if not record:
+            return
+        trained = record.get("sampler")
+        differ = []
+        if trained in SAMPLERS and SAMPLERS[trained].scheduler is not scheduler:
+            differ.append(f"sampler {trained} (here {scheduler.__name__})")
+        for key, here in (("num_inference_steps", self.num_inference_steps), ("guidance_scale", self.guidance_scale)):
+            if key in record and record[key] != here:
+                differ.append(f"{key} {record[key]} (here {here})")
+        if differ:
+            rank_zero_warn(f"The LoRA was trained with {', '.join(differ)}: generating otherwise gives images it was "
+                           "not tuned for. Set the generation's sampler / num_inference_steps / guidance_scale as its "
+                           "fine-tune recipe, unless this is on purpose.")
 
     def setup(self, stage: str) -> None:
         # every part is frozen: under *16 precision it all goes to bf16 / fp16 (autocast would re-cast the fp32

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -13,16 +14,23 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lbgen.components import randomness
 from lbgen.components.clip import ClipScorer
 from lbgen.components.diffusion import GeneratorSource
-from lbgen.components.lora import UNET_TARGETS, add_lora, save_lora
+from lbgen.components.lora import TRAINING_RECORD, UNET_TARGETS, add_lora, save_lora
 from lbgen.components.prompts import fill_caption
 from lbgen.components.randomness import derive_seed
-from lbgen.components.sampling import make_sampler, sample_latents
+from lbgen.components.sampling import SAMPLERS, make_sampler, sample_latents
 from lbgen.datamodules.base import class_names_of
 from lbgen.distributed import save_on_rank_zero
+from lbgen.evaluation.card import mean_pairwise_distance
 from lbgen.losses.alignment import DatasetAlignmentLoss, InstanceAlignmentLoss
 from lbgen.losses.quality import QualityLoss
+from lbgen.models.lean_checkpoint import LeanCheckpointMixin
 from lbgen.models.optim import ensure_finite
 from lbgen.models.precision import low_precision_setup
+from lbgen.models.sample_grid import check_grid_options, grid_rows, grid_seeds, write_sample_grid
+from lbgen.storage.files import atomic_write_json
+
+FROZEN_PARTS = ("unet.", "vae.", "text_encoder.", "clip.", "quality.")
+"""State-dict prefixes of the frozen generator and judges, left out of checkpoints (the UNet's LoRA stays in)."""
 
 
 def sample_seeds(base: Any, epoch: int, indices: torch.Tensor) -> list[int]:
@@ -31,7 +39,7 @@ def sample_seeds(base: Any, epoch: int, indices: torch.Tensor) -> list[int]:
     return [derive_seed("lbgen-sample", base, epoch, int(i)) for i in indices.tolist()]
 
 
-class LbGenSystem(L.LightningModule):
+class LbGenSystem(LeanCheckpointMixin, L.LightningModule):
     """lbGen: make a generator's images follow the *language* space of the class names (a low-bias dataset).
 
     Each step samples class names (from ``ClassNamesDataModule``), runs the sampler with guidance keeping gradients
@@ -44,6 +52,9 @@ class LbGenSystem(L.LightningModule):
 
     ``trainer.max_steps`` counts optimizer steps, and both the generator and the discriminator step: set the length
     with the DataModule's ``samples_per_epoch`` and ``trainer.max_epochs`` instead.
+
+    Checkpoints hold what trains (the LoRA, the discriminator, the step counter) and the optimizer / loop state; the
+    frozen generator and judges come back from their sources on resume (``lbgen.models.lean_checkpoint``).
 
     Args:
         generator: the generator to fine-tune (SD 1.5 or the embedded one; a ``PretrainedGenerator``).
@@ -58,19 +69,30 @@ class LbGenSystem(L.LightningModule):
         lora_alpha: LoRA alpha; default the rank.
         unet_lora_targets: UNet modules with LoRA.
         lora_init: peft ``init_lora_weights`` (``gaussian``: B = 0; ``false``: random, for tests).
-        sampler: ``ddim`` (deterministic) or ``ddpm`` (the authors').
+        sampler: a name of ``lbgen.components.sampling.SAMPLERS`` (``ddim``: deterministic, ``ddpm``: the
+            authors'); recorded beside the LoRA (``lbgen_training.json``).
         num_inference_steps: sampler steps (authors: 50).
         grad_steps: K, the last steps with gradients (authors: 5).
         guidance_scale: classifier-free guidance (authors: 2.0).
         gradient_checkpointing: recompute UNet and VAE activations of the graded steps in backward.
         gradient_clip_val: max gradient norm of the LoRA (authors: 0.1); None: no clipping.
         discriminator_hidden: width of the discriminator MLP.
+        en_normalize: L_en's discriminator sees L2-normalised CLIP features (``DatasetAlignmentLoss(normalize)``).
+        en_center: each modality's mean is removed before the discriminator (text: over all class texts; images: a
+            running mean of the generated features), so it must separate by meaning, not by CLIP's modality gap.
+        en_text_samples: the discriminator's "real" samples each step: the text features of the ``batch``'s classes
+            (the authors') or of ``all`` classes (the semantic distribution of all target categories, as the paper
+            states L_en).
+        en_spectral_norm: spectral normalisation of the discriminator's layers.
         discriminator_warmup_steps: steps that train only the discriminator first.
         optimizer: LoRA optimizer (authors: AdamW 2e-5, constant).
         discriminator_optimizer: discriminator optimizer (authors: lr 1e-5).
         scheduler: optional LoRA learning-rate schedule, stepped every generator step.
         seed: base of the per-step noise seeds.
         output_dir: where the LoRA goes (``pytorch_lora_weights.safetensors``); default <run dir>/lora.
+        sample_grid_classes: at each validation, generate this many classes (spread over the class names) with the
+            training sampler into ``<run dir>/samples/step_{N}.png`` (and TensorBoard); 0: no grid.
+        sample_grid_seeds: fixed noise seeds per class (the grid's columns), the same at every validation.
         num_classes: linked from the data.
         class_names: linked from the data.
     """
@@ -89,24 +111,33 @@ class LbGenSystem(L.LightningModule):
         lora_alpha: float | None = None,
         unet_lora_targets: list[str] | None = None,
         lora_init: bool | str = "gaussian",
-        sampler: Literal["ddim", "ddpm"] = "ddim",
+        sampler: str = "ddim",
         num_inference_steps: int = 50,
         grad_steps: int = 5,
         guidance_scale: float = 2.0,
         gradient_checkpointing: bool = False,
         gradient_clip_val: float | None = 0.1,
         discriminator_hidden: int = 256,
+        en_normalize: bool = False,
+        en_center: bool = False,
+        en_text_samples: Literal["batch", "all"] = "batch",
+        en_spectral_norm: bool = False,
         discriminator_warmup_steps: int = 0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         discriminator_optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
         seed: int = 0,
         output_dir: str | None = None,
+        sample_grid_classes: int = 0,
+        sample_grid_seeds: int = 4,
         num_classes: int | None = None,
         class_names: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
+        if sampler not in SAMPLERS:  # make_sampler's check, before a large generator is loaded for nothing
+            raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}.")
+        check_grid_options(sample_grid_classes, sample_grid_seeds)
         weights = {"en": en_weight, "in": in_weight, "q": q_weight}
         if any(w < 0 for w in weights.values()) or not any(weights.values()):
             raise ValueError(f"Loss weights must be >= 0 with at least one positive, got {weights}.")
@@ -127,7 +158,13 @@ class LbGenSystem(L.LightningModule):
         self.clip = clip.requires_grad_(False).eval() if needs_clip else None
         self.quality = quality.requires_grad_(False).eval() if q_weight else None
         self.instance_alignment = InstanceAlignmentLoss() if in_weight else None
-        self.dataset_alignment = DatasetAlignmentLoss(self.clip_dim(), discriminator_hidden) if en_weight else None
+        if en_text_samples not in ("batch", "all"):
+            raise ValueError(f"en_text_samples must be 'batch' or 'all', got {en_text_samples!r}.")
+        self.en_text_samples = en_text_samples
+        self.dataset_alignment = DatasetAlignmentLoss(
+            self.clip_dim(), discriminator_hidden, normalize=en_normalize, center=en_center,
+            spectral_norm=en_spectral_norm) if en_weight else None
+        self._val_features: list[tuple[torch.Tensor, torch.Tensor]] = []
 
         pipe = generator()
         self.generator_source, self.pipeline = generator, pipe
@@ -145,11 +182,12 @@ class LbGenSystem(L.LightningModule):
         self.class_names, self.seed, self.output_dir = class_names, seed, output_dir
         self.optimizer_factory, self.discriminator_factory = optimizer, discriminator_optimizer
         self.scheduler_factory = scheduler
+        self.grid_classes, self.grid_seeds = sample_grid_classes, sample_grid_seeds
         # generator steps taken (a buffer: checkpointed, so warm-up and noise seeds continue on resume)
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
-        # checkpoints hold what trains (LoRA, discriminator) and the step; the frozen models come from their sources
-        self.strict_loading = False
         self._check_trainable()
+        # checkpoints hold what trains (LoRA, discriminator) and the step; the frozen models come from their sources
+        self.enable_lean_checkpoints(FROZEN_PARTS, generator.generator_id)
         rank_zero_info(f"LbGenSystem: terms {self.weights}, {self.num_trainable('unet'):,} LoRA parameters, "
                        f"K={grad_steps} of {num_inference_steps} steps")
 
@@ -178,6 +216,11 @@ class LbGenSystem(L.LightningModule):
         if self.class_names is None:
             raise ValueError("LbGenSystem needs class names: use ClassNamesDataModule (linked by the CLI).")
 
+    def on_fit_start(self) -> None:
+        if self.dataset_alignment is not None and self.dataset_alignment.center:
+            with torch.no_grad():  # on the device now; the same centre on every process and after a resume
+                self.dataset_alignment.set_text_mean(self.class_text_features())
+
     def configure_optimizers(self) -> Any:
         lora = [p for n, p in self.unet.named_parameters() if p.requires_grad]
         optimizers = [self.optimizer_factory(lora)]
@@ -186,12 +229,6 @@ class LbGenSystem(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizers
         return optimizers, [{"scheduler": self.scheduler_factory(optimizers[0]), "interval": "step"}]
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        full = super().state_dict(*args, **kwargs)
-        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
-        keep = {prefix + n for n, p in self.named_parameters() if p.requires_grad} | {prefix + "steps_done"}
-        return type(full)((k, v) for k, v in full.items() if k in keep)
 
     # --- generation with gradients ------------------------------------------------------------------------------
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
@@ -260,7 +297,9 @@ class LbGenSystem(L.LightningModule):
 
         if d_opt is not None:  # the discriminator: class texts are "real", generated images "fake"
             self.toggle_optimizer(d_opt)
-            d_loss = self.dataset_alignment.discriminator_loss(self.class_text_features()[labels], features)
+            texts = self.class_text_features()
+            texts = texts if self.en_text_samples == "all" else texts[labels]
+            d_loss = self.dataset_alignment.discriminator_loss(texts, features)
             ensure_finite({"discriminator": d_loss}, step)
             d_opt.zero_grad()
             self.manual_backward(d_loss)
@@ -295,14 +334,47 @@ class LbGenSystem(L.LightningModule):
             logits = features @ self.class_text_features().T
             metrics["val/clip_acc"] = (logits.argmax(-1) == labels).float().mean()
             metrics["val/in"] = (1 - (features * self.class_text_features()[labels]).sum(-1)).mean()
+            if self.dataset_alignment is not None:
+                # on images it never trained on: near 1 means it wins trivially (e.g. by the modality gap)
+                metrics["val/discriminator_acc"] = self.dataset_alignment.discriminator_accuracy(
+                    self.class_text_features()[labels], features)
+            self._val_features.append((features.detach(), labels.detach()))
         if self.quality is not None:
             metrics["val/q"] = self.quality(images)
         self.log_dict(metrics, batch_size=len(labels), sync_dist=True)
 
+    def on_validation_epoch_end(self) -> None:
+        if self._val_features:
+            # per-class diversity of the fixed validation images: falling towards 0 means the class collapses
+            features = torch.cat([f for f, _ in self._val_features])
+            labels = torch.cat([c for _, c in self._val_features])
+            self._val_features = []
+            if self.trainer.world_size > 1:  # every process computes it over all images: no rank skips the log
+                features = self.all_gather(features).reshape(-1, features.shape[-1])
+                labels = self.all_gather(labels).reshape(-1)
+            spreads = [mean_pairwise_distance(features[labels == c]) for c in labels.unique()
+                       if int((labels == c).sum()) > 1]
+            if spreads:
+                self.log("val/diversity", float(np.mean(spreads)), rank_zero_only=True)
+        if self.grid_classes:
+            write_sample_grid(self, self.sample_row, grid_rows(len(self.class_names), self.grid_classes),
+                              grid_seeds(self.seed, self.grid_seeds))
+
+    def sample_row(self, label: int, seeds: list[int]) -> torch.Tensor:
+        """Images of class ``label`` by the training sampler, one per seed (``generate``: seeded generators only)."""
+        return self.generate(torch.full((len(seeds),), label, device=self.device), seeds)
+
     # --- saving -------------------------------------------------------------------------------------------------
     def save(self, folder: str | Path) -> Path:
-        """LoRA weights that ``pipe.load_lora_weights`` (and lbgen's ``PretrainedGenerator(lora=...)``) open."""
-        return save_lora(folder, self.unet)
+        """LoRA weights that ``pipe.load_lora_weights`` (and lbgen's ``PretrainedGenerator(lora=...)``) open, and
+        beside them ``lbgen_training.json``: what they were trained with."""
+        path = save_lora(folder, self.unet)
+        record = {"base_generator": self.generator_source.generator_id, "sampler": self.sampler_name,
+                  "num_inference_steps": self.num_inference_steps, "grad_steps": self.grad_steps,
+                  "guidance_scale": self.guidance_scale, "prompt_template": self.prompt_template,
+                  "lora_rank": self.hparams.lora_rank, "weights": self.weights}
+        atomic_write_json(Path(folder) / TRAINING_RECORD, record)
+        return path
 
     def on_train_end(self) -> None:
         path = save_on_rank_zero(self.trainer, self.output_dir, "lora", self.save)

@@ -21,18 +21,25 @@ from lbgen.components.prompts import fill_caption
 from lbgen.datamodules.base import class_names_of
 from lbgen.distributed import save_on_rank_zero
 from lbgen.models.batches import unpack_batch
+from lbgen.models.lean_checkpoint import LeanCheckpointMixin
 from lbgen.models.optim import configure_optimizers, ensure_finite
 from lbgen.models.precision import low_precision_setup
+from lbgen.models.sample_grid import check_grid_options, grid_rows, grid_seeds, write_sample_grid
 
 Mode = Literal["scratch", "full", "lora"]
-class TextToImageSystem(L.LightningModule):
+GENERATOR_PARTS = ("unet.", "vae.", "text_encoder.")
+"""State-dict prefixes of the generator's parts: frozen but for the LoRA in ``lora`` mode (left out of checkpoints)."""
+
+
+class TextToImageSystem(LeanCheckpointMixin, L.LightningModule):
     """Train a Stable Diffusion-style generator with the denoising loss, and save it for ``from_pretrained``.
 
     Captions come from the batch (``batch["caption"]``, e.g. BOB's attribute captions) or from ``prompt_template``
     and the class names. Modes: ``scratch`` (UNet and text encoder from random init; the VAE comes trained),
     ``full`` (all UNet weights, optionally the text encoder), ``lora`` (peft adapters on the UNet and optionally the
     text encoder). Frozen parts are cast to the low-precision dtype under ``*16`` precision; trainable parameters
-    stay in fp32.
+    stay in fp32. In ``lora`` mode checkpoints hold the LoRA weights (and optimizer / loop state) only, not the
+    frozen generator, which comes back from ``generator`` on resume (``lbgen.models.lean_checkpoint``).
 
     Args:
         generator: where the pipeline comes from (``PretrainedGenerator`` or ``NewGenerator``).
@@ -57,6 +64,11 @@ class TextToImageSystem(L.LightningModule):
             <run dir>/generator.
         seed: base of each training sample's noise, timestep and caption-dropout draws (seeded per sample by
             lbgen's training loaders, so 1 process at batch B and W processes at B / W train alike).
+        sample_grid_classes: at each validation, sample this many classes (spread over the class names) into
+            ``<run dir>/samples/step_{N}.png`` (and TensorBoard); 0: no grid.
+        sample_grid_seeds: fixed noise seeds per class (the grid's columns), the same at every validation.
+        sample_grid_steps: sampler steps of the grid images (the generator's own scheduler).
+        sample_grid_guidance: classifier-free guidance of the grid images.
         num_classes: linked from the data.
         class_names: linked from the data.
     """
@@ -82,6 +94,10 @@ class TextToImageSystem(L.LightningModule):
         scheduler: LRSchedulerCallable | None = None,
         output_dir: str | None = None,
         seed: int = 0,
+        sample_grid_classes: int = 0,
+        sample_grid_seeds: int = 4,
+        sample_grid_steps: int = 20,
+        sample_grid_guidance: float = 4.0,
         num_classes: int | None = None,
         class_names: list[str] | None = None,
     ) -> None:
@@ -90,6 +106,7 @@ class TextToImageSystem(L.LightningModule):
             raise ValueError(f"mode must be 'scratch', 'full' or 'lora', got {mode!r}.")
         if not 0.0 <= caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}.")
+        check_grid_options(sample_grid_classes, sample_grid_seeds, sample_grid_steps)
         self.save_hyperparameters(ignore=["generator", "optimizer", "scheduler"])
         self.generator_source = generator
         pipe = generator()
@@ -116,8 +133,12 @@ class TextToImageSystem(L.LightningModule):
         self.prompt_template, self.caption_dropout, self.snr_gamma = prompt_template, caption_dropout, snr_gamma
         self.optimizer_factory, self.scheduler_factory, self.output_dir = optimizer, scheduler, output_dir
         self.seed = seed
+        self.grid_classes, self.grid_seeds = sample_grid_classes, sample_grid_seeds
+        self.grid_steps, self.grid_guidance = sample_grid_steps, sample_grid_guidance
         self._check_trainable()
         self.num_trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        if mode == "lora":  # only the adapters train: the frozen UNet / VAE / text encoder stay out of checkpoints
+            self.enable_lean_checkpoints(GENERATOR_PARTS, generator.generator_id)
         rank_zero_info(f"{type(self).__name__} ({mode}): {self.num_trainable:,} trainable parameters")
 
     # --- what trains --------------------------------------------------------------------------------------------
@@ -136,6 +157,9 @@ class TextToImageSystem(L.LightningModule):
         low_precision_setup(self, [self.vae, self.text_encoder, self.unet], lora=self.mode == "lora")
         if self.class_names is None:
             self.class_names = class_names_of(self.trainer)
+        if self.grid_classes and stage == "fit" and not self.class_names:
+            raise ValueError("sample_grid_classes > 0 needs class names: link the DataModule's class names or set "
+                             "model.class_names (or set sample_grid_classes: 0).")
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
@@ -208,6 +232,19 @@ class TextToImageSystem(L.LightningModule):
         torch.random.set_rng_state(generator_state)
         self.log("val/denoising", loss, prog_bar=True, batch_size=len(images), sync_dist=True)
 
+    def on_validation_epoch_end(self) -> None:
+        if self.grid_classes and self.class_names:
+            write_sample_grid(self, self.sample_row, grid_rows(len(self.class_names), self.grid_classes),
+                              grid_seeds(self.seed, self.grid_seeds))
+
+    def sample_row(self, label: int, seeds: list[int]) -> torch.Tensor:
+        """Images in [0, 1] of class ``label``, one per seed, by the pipeline (its randomness from the seeds only)."""
+        prompt = fill_caption(self.prompt_template, self.class_names[label], superclass=self.superclass)
+        self.pipeline.set_progress_bar_config(disable=True)
+        return self.pipeline([prompt] * len(seeds), num_inference_steps=self.grid_steps,
+                             guidance_scale=self.grid_guidance, output_type="pt",
+                             generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+
     # --- EMA ----------------------------------------------------------------------------------------------------
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ema is not None:
@@ -215,10 +252,12 @@ class TextToImageSystem(L.LightningModule):
             self.ema.step(self.unet.parameters())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)  # lora: leaves the frozen generator out
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)  # lora: refuses a checkpoint of other trainable keys or base
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
 

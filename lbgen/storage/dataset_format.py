@@ -213,14 +213,17 @@ def image_member(sample: dict[str, Any]) -> tuple[str, bytes] | None:
     return next(((ext, sample[ext]) for ext in IMAGE_MEMBERS if ext in sample), None)
 
 
-def decode_image(data: bytes, shard: Path, image_id: str, image_size: int, member: str = "png") -> torch.Tensor:
+def decode_image(data: bytes, shard: Path, image_id: str, image_size: int | None, member: str = "png"
+                 ) -> torch.Tensor:
     """One shard image (PNG, JPEG, WebP, ...: PIL reads the format from the bytes) as a uint8 ``[3, S, S]``
-    tensor, bicubic-resized when stored at another size; ``member`` (its extension) names it in errors."""
+    tensor, bicubic-resized when stored at another size; ``image_size`` None: ``[3, H, W]`` as stored (the random
+    resized crop of ``train_resolution: source`` reads it). ``member`` (its extension) names it in errors."""
     try:
-        image = Image.open(io.BytesIO(data)).convert("RGB")
+        with Image.open(io.BytesIO(data)) as opened:
+            image = opened.convert("RGB")
     except OSError as err:
         raise ValueError(f"{image_id}.{member} in {shard} cannot be decoded ({err}); regenerate the dataset.") from err
-    if image.size != (image_size, image_size):
+    if image_size is not None and image.size != (image_size, image_size):
         image = image.resize((image_size, image_size), Image.BICUBIC)
     return torch.from_numpy(np.array(image)).permute(2, 0, 1)
 
