@@ -361,7 +361,7 @@ def test_streaming_and_in_memory_modes_train_to_the_same_accuracy(tmp_path, fmni
         trainer.fit(model, datamodule=mixed)
         accuracy[mode] = trainer.test(model, datamodule=mixed, verbose=False)[0]["test/acc"]
     assert min(accuracy.values()) > 0.5, accuracy  # both learned (chance: 0.1)
-    assert abs(accuracy["memory"] - accuracy["stream"]) <= 0.10, accuracy
+    assert abs(accuracy["memory"] - accuracy["stream"]) <= 0.10 + 1e-6, accuracy  # one test image of ten: float slack
 
 
 def test_an_error_in_a_loader_worker_is_still_one_message(tmp_path):
