@@ -319,3 +319,11 @@ def test_report_lists_only_the_experiments_own_stages(tmp_path):
     assert "2 stages were run" in text and "1.5 min of stage time" in text
     everything = write_report({}, tmp_path, stages_file=tmp_path / "stages.json").read_text()
     assert "| other | 600.0 | t2 |" in everything and "3 stages were run" in everything
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_every_experiment_report_renders_before_anything_ran(path, tmp_path):
+    # a report spec with a misnamed key fails only after hours of stages otherwise
+    spec = load_experiment(path).get("report") or {}
+    report = write_report(spec, tmp_path, title=path.stem)
+    assert report.is_file() and report.read_text().startswith("#")
