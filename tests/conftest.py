@@ -158,16 +158,22 @@ def photo_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_photo_folder(tmp_path_factory.mktemp("photos"))
 
 
-def save_tiny_blip(folder: Path) -> Path:
-    """A random BLIP captioner (model + processor) saved with ``save_pretrained``: BOB's captioner stand-in."""
+BLIP_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "the", "in", "front", "seen", "from",
+              "side", "top", "sky", "runway", "grass", "wall", "flying", "parked"]
+
+
+def save_tiny_blip(folder: Path, vocab: list[str] | None = None, favoured: list[str] | None = None) -> Path:
+    """A random BLIP captioner (model + processor) saved with ``save_pretrained``: BOB's captioner stand-in.
+
+    ``vocab``: its word-piece vocabulary (default ``BLIP_VOCAB``); ``favoured``: words its language head is biased
+    towards (a test can then see whether they leak into captions)."""
     import torch
     from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "the", "in", "front", "seen", "from",
-             "side", "top", "sky", "runway", "grass", "wall", "flying", "parked"]
+    vocab = vocab or BLIP_VOCAB
     folder.mkdir(parents=True)
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizer.from_pretrained(folder)
+    tokenizer = BertTokenizer.from_pretrained(folder)  # BertTokenizer(vocab_file=...) is ignored in transformers 5
     processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
     torch.manual_seed(0)
     tiny = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
@@ -175,7 +181,11 @@ def save_tiny_blip(folder: Path) -> Path:
                         text_config={**tiny, "vocab_size": len(vocab), "max_position_embeddings": 64, "pad_token_id": 0,
                                      "bos_token_id": 2, "sep_token_id": 3, "eos_token_id": 3},
                         projection_dim=16, image_text_hidden_size=16)
-    BlipForConditionalGeneration(config).eval().save_pretrained(folder)
+    model = BlipForConditionalGeneration(config).eval()
+    if favoured:
+        with torch.no_grad():
+            model.text_decoder.cls.predictions.decoder.bias[[vocab.index(w) for w in favoured]] += 5.0
+    model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
 

@@ -10,6 +10,8 @@ import torch
 from lbgen.attributes.bank import mentions_class
 from lbgen.attributes.captioner import CaptionerAttributeExtractor, clean_answer
 
+from .conftest import save_tiny_blip
+
 CLASS_WORDS = ["shirt", "boot", "bag", "dress", "coat"]
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "the", "in", "front", "seen", "from",
          "side", "top", "object", "garment", "grass", "wall", *CLASS_WORDS]
@@ -21,25 +23,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['typ
 @pytest.fixture(scope="module")
 def tiny_blip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random BLIP captioner whose language head favours class words, so a leak would show."""
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
-
-    folder = tmp_path_factory.mktemp("tiny_blip") / "blip"
-    folder.mkdir()
-    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    tokenizer = BertTokenizer.from_pretrained(folder)  # BertTokenizer(vocab_file=...) is ignored in transformers 5
-    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
-    torch.manual_seed(0)
-    tiny = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
-    config = BlipConfig(vision_config={**tiny, "image_size": 32, "patch_size": 8},
-                        text_config={**tiny, "vocab_size": len(VOCAB), "max_position_embeddings": 64, "pad_token_id": 0,
-                                     "bos_token_id": 2, "sep_token_id": 3, "eos_token_id": 3},
-                        projection_dim=16, image_text_hidden_size=16)
-    model = BlipForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        model.text_decoder.cls.predictions.decoder.bias[[VOCAB.index(w) for w in CLASS_WORDS]] += 5.0
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    return save_tiny_blip(tmp_path_factory.mktemp("tiny_blip") / "blip", VOCAB, CLASS_WORDS)
 
 
 def images(n: int = 3) -> torch.Tensor:
