@@ -173,3 +173,18 @@ def test_captioned_datamodule_gives_bank_captions_and_plain_ones(fmnist_fixture,
         root=str(fmnist_fixture), image_size=16, shots=3, split_seed=1, batch_size=30), attribute_bank=str(path))
     with pytest.raises(ValueError, match="no record for"):
         other_split.setup("fit")
+
+
+def test_bank_agreement_counts_equal_words_over_common_images():
+    names = ["a", "b"]
+    exact = AttributeBank(records=[{"id": f"i{k}", "class_index": k % 2, "background": "grass", "pose": "upright"}
+                                   for k in range(4)], class_names=names, descriptor="thing", extractor="exact")
+    guess = AttributeBank(records=[{"id": "i0", "class_index": 0, "background": "grass", "pose": "upright"},
+                                   {"id": "i1", "class_index": 1, "background": "brick", "pose": "upright"},
+                                   {"id": "x", "class_index": 0, "background": "grass", "pose": "tilted"}],
+                          class_names=names, descriptor="thing", extractor="clip")
+    assert guess.agreement(exact) == {"n": 2, "background": 0.5, "pose": 1.0, "both": 0.5}
+    other = AttributeBank(records=[{"id": "y", "class_index": 0, "background": "grass", "pose": "upright"}],
+                          class_names=names, descriptor="thing", extractor="clip")
+    with pytest.raises(ValueError, match="no image in common"):
+        other.agreement(exact)

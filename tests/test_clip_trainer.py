@@ -153,3 +153,34 @@ def test_bad_arguments_are_reported():
         ClipSystem(model_config=TINY_MODEL, class_names=CLASS_NAMES, num_classes=3)
     with pytest.raises(ValueError, match="template"):
         ClipSystem(model_config=TINY_MODEL, class_names=CLASS_NAMES, templates=["a photo."])
+
+
+def test_own_captions_with_one_template_give_the_class_caption_loss():
+    # a batch's own captions equal to its class captions (one template): the same positives, the same loss
+    model = make_model(templates=["a photo of a {}."])
+    images, labels = torch.rand(12, 3, 16, 16), torch.arange(12) % 4
+    captions = [f"a photo of a {CLASS_NAMES[int(c)]}." for c in labels]
+    torch.testing.assert_close(model.caption_training_loss(images, captions)[0], model.training_loss(images, labels)[0])
+    # attribute words split a class: images of the same class with other captions are no longer positives
+    split = [f"{c} on grass" if i % 2 else f"{c} on gravel" for i, c in enumerate(captions)]
+    assert not torch.allclose(model.caption_training_loss(images, split)[0], model.training_loss(images, labels)[0])
+
+
+def test_caption_terms_reach_every_trainable_parameter_and_training_step_uses_them(monkeypatch):
+    model = make_model(image_to_text_weight=0.7, text_to_image_weight=1.3)
+    images, labels = torch.rand(8, 3, 16, 16), torch.arange(8) % 4
+    captions = [f"a photo of a garment in the {b} background, a {CLASS_NAMES[int(c)]}"
+                for b, c in zip(["grass", "brick"] * 4, labels, strict=True)]
+    total, terms = model.caption_training_loss(images, captions)
+    assert set(terms) == {"image_to_text", "text_to_image"}
+    torch.testing.assert_close(total, 0.7 * terms["image_to_text"] + 1.3 * terms["text_to_image"])
+    total.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
+    assert not missing
+    calls = []
+    monkeypatch.setattr(model, "training_loss", lambda *a: calls.append("labels") or (total, terms))
+    original = model.caption_training_loss
+    monkeypatch.setattr(model, "caption_training_loss", lambda *a: calls.append("captions") or original(*a))
+    model.training_step({"image": images, "label": labels, "caption": captions}, 0)
+    model.training_step({"image": images, "label": labels}, 0)
+    assert calls == ["captions", "labels"]

@@ -44,3 +44,26 @@ def test_accuracy_table(tmp_path):
     table = accuracy_table(rows, baseline=None)
     # mean 60, Student-t 95% half-width over 2 runs: 12.706 * 14.142 / sqrt(2) = 127.06; the best row is bold
     assert "| real | **60.00 ± 127.06** | - | 2 |" in table and "| missing | - | - | 0 |" in table
+
+
+def test_accuracy_table_pairs_runs_by_seed(tmp_path):
+    from lbgen.evaluation.report import paired_difference
+
+    # baseline seeds vary a lot, the method is always 1 point above: the paired interval is tight and above zero
+    for label, accs in {"base": (0.50, 0.60, 0.70), "method": (0.51, 0.61, 0.71), "two": (0.9, 0.9, None)}.items():
+        for seed, acc in enumerate(accs):
+            if acc is not None:
+                (tmp_path / label / f"s{seed}" / "version_0").mkdir(parents=True)
+                (tmp_path / label / f"s{seed}" / "version_0" / "test_metrics.json").write_text(json.dumps({"acc": acc}))
+    (tmp_path / "lone" / "s9" / "version_0").mkdir(parents=True)
+    (tmp_path / "lone" / "s9" / "version_0" / "test_metrics.json").write_text(json.dumps({"acc": 0.4}))
+    rows = accuracy_rows(tmp_path, [{"label": "base", "runs": "base/s*"}, {"label": "method", "runs": "method/s*"},
+                                    {"label": "two", "runs": "two/s*"}, {"label": "lone", "runs": "lone/s*"}])
+    mean, half, n = paired_difference(rows[1], rows[0])
+    assert (round(mean, 6), round(half, 6), n) == (1.0, 0.0, 3)
+    assert paired_difference(rows[2], rows[0])[2] == 2  # only the seeds both have
+    assert paired_difference(rows[3], rows[0]) is None  # no common seed: no paired difference
+    table = accuracy_table(rows, baseline="base")
+    assert "paired difference" in table and "| method | 61.00 ± 24.84 | +1.00 | +1.00 ± 0.00 (3) | 3 |" in table
+    assert "| lone | 40.00 | -20.00 | - | 1 |" in table
+    assert "paired" not in accuracy_table(rows[3:], baseline="lone")  # nothing to pair: the old table

@@ -229,8 +229,11 @@ more_accuracy:
 """)
     text = write_report(spec, tmp_path, title="t").read_text()
     mean, half = mean_ci([70.0, 71.0, 75.0])
-    assert f"| genie | **{mean:.2f} ± {half:.2f}** | +{mean - 62.0:.2f} | 3 |" in text
-    assert "| missing | - | - | 0 |" in text and "| unscored | not scored |" in text
+    # seed by seed (s0-s2 in both): 10, 9, 11 points above real
+    paired, paired_half = mean_ci([10.0, 9.0, 11.0])
+    assert (f"| genie | **{mean:.2f} ± {half:.2f}** | +{mean - 62.0:.2f} | +{paired:.2f} ± {paired_half:.2f} (3) | 3 |"
+            in text)
+    assert "| missing | - | - | - | 0 |" in text and "| unscored | not scored |" in text
     assert "| genie | 80.0 | b (70%) | 10 |" in text
     assert "## Seed 0" in text and "| genie | **70.00** | +10.00 | 1 |" in text
     for png in ("report_accuracy_vs_synthetic.png", "report_noise_ratio.png"):

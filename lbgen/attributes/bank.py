@@ -158,6 +158,19 @@ class AttributeBank:
         values, counts = np.unique([r[key] for r in self.records], return_counts=True)
         return {str(v): int(n) for v, n in zip(values, counts, strict=True)}
 
+    def agreement(self, reference: AttributeBank) -> dict[str, Any]:
+        """How often this bank's words equal ``reference``'s (e.g. a real extractor's against the exact records),
+        over the images both describe: ``background``, ``pose`` and ``both`` as shares, and ``n``. A bank of another
+        split shares no image: refused, since a share over nothing means nothing."""
+        theirs = {r["id"]: r for r in reference.records}
+        common = [r for r in self.records if r["id"] in theirs]
+        if not common:
+            raise ValueError("The two attribute banks describe no image in common: extract both from the same "
+                             "dataset and split (same split_seed).")
+        same = {k: np.array([r[k] == theirs[r["id"]][k] for r in common]) for k in ATTRIBUTE_KEYS}
+        return {"n": len(common), **{k: float(v.mean()) for k, v in same.items()},
+                "both": float(np.logical_and.reduce(list(same.values())).mean())}
+
     # --- files -------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {"format": BANK_FORMAT, "extractor": self.extractor, "descriptor": self.descriptor,

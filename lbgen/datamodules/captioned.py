@@ -122,3 +122,7 @@ class AttributeCaptionedDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         return self.data.loader(self.val_dataset, train=False) if self.val_dataset and len(self.val_dataset) else []
+
+    def test_dataloader(self) -> DataLoader:
+        """The wrapped DataModule's test images (no captions: a model tests them as it would without this)."""
+        return self.data.test_dataloader()

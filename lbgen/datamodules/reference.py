@@ -61,6 +61,8 @@ class RealReferenceDataModule(L.LightningDataModule):
         self.data.trainer = self.trainer
         self.data.setup("predict")
         if self._train is None:
+            # the reference's training split as a training run sees it (a contextual pool composes it at setup)
+            self.reference.setup("fit")
             images, labels = self.reference.pool
             self._train = ClassificationDataset(images, self.reference.split.train, labels, eval_transform())
             test_images, test_labels = self.reference.load_test()

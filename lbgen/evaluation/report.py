@@ -7,7 +7,7 @@ Report spec (the ``report`` section of an experiment file; every path relative t
     accuracy:            # the main table: mean top-1 with a Student-t 95% interval over the runs (seeds)
       - {label: real only, runs: runs/classifier/real_only/s*}
       - {label: real + txt2img, runs: runs/classifier/txt2img/s*}
-    baseline: real only  # the row the others are compared with
+    baseline: real only  # the row the others are compared with (and, run by run, paired: same root names)
     more_accuracy:       # further tables of the same form (another protocol, other seeds)
       - {title: Three split seeds, caption: ..., baseline: real only, rows: [{label: real only, runs: ...}]}
     synthetic_per_class: # accuracy vs synthetic images per class, one line per method
@@ -20,6 +20,8 @@ Report spec (the ``report`` section of an experiment file; every path relative t
       - {label: txt2img, folder: runs/synthetic/txt2img}
     cards:               # the data card of each dataset (DataCardSystem: card.json in the folder)
       - {label: txt2img, folder: runs/synthetic/txt2img}
+    attribute_agreement: # how often an attribute bank's words equal a reference bank's (e.g. exact records)
+      - {label: CLIP zero-shot, bank: runs/bob/attributes_clip.json, reference: runs/bob/attributes.json}
     long_tail:           # overall and Many / Medium / Few accuracy of long-tailed runs
       - {label: real only, runs: runs/classifier/lt100/s*}
     fewshot:             # few-shot episodes (FewShotSystem' JSON files)
@@ -41,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from lbgen.attributes.bank import AttributeBank
 from lbgen.evaluation.card import cards_section
 from lbgen.evaluation.fewshot import mean_ci
 from lbgen.evaluation.transfer import transfer_section
@@ -51,10 +54,20 @@ REPORT_FILE = "report.md"
 def run_accuracies(workdir: Path, pattern: str, key: str = "acc") -> list[float]:
     """``key`` (%) of every tested run (``version_*/test_metrics.json``) under the roots ``pattern``: top-1 by
     default, ``acc_many`` / ``acc_medium`` / ``acc_few`` for the long-tail buckets (runs without it are skipped)."""
+    return [value for _, value in keyed_accuracies(workdir, pattern, key)]
+
+
+def keyed_accuracies(workdir: Path, pattern: str, key: str = "acc") -> list[tuple[str, float]]:
+    """``(run, key %)`` of every tested run under the roots ``pattern``; ``run`` names the root and version
+    (``s0/version_0``), so that two rows whose roots share names (split seeds ``s0``, ``s1``, ...) pair up."""
     roots = sorted(workdir.glob(pattern)) if any(c in pattern for c in "*?[") else [workdir / pattern]
-    files = sorted(f for root in roots for f in root.glob("version_*/test_metrics.json"))
-    metrics = [json.loads(f.read_text()) for f in files]
-    return [100 * m[key] for m in metrics if key in m]
+    out = []
+    for root in roots:
+        for f in sorted(root.glob("version_*/test_metrics.json")):
+            metrics = json.loads(f.read_text())
+            if key in metrics:
+                out.append((f"{root.name}/{f.parent.name}", 100 * metrics[key]))
+    return out
 
 
 def _cell(values: list[float]) -> str:
@@ -69,21 +82,40 @@ def accuracy_rows(workdir: Path, rows: list[dict[str, str]]) -> list[dict[str, A
     for row in rows:
         if not {"label", "runs"} <= set(row):
             raise ValueError(f"An accuracy row needs label and runs, got {row!r}.")
-        out.append({"label": row["label"], "values": run_accuracies(workdir, row["runs"])})
+        keyed = keyed_accuracies(workdir, row["runs"])
+        out.append({"label": row["label"], "values": [v for _, v in keyed], "by_run": dict(keyed)})
     return out
+
+
+def paired_difference(row: dict[str, Any], base: dict[str, Any]) -> tuple[float, float, int] | None:
+    """Mean of ``row - base`` over the runs both have (same root name, e.g. split seed), its 95% half-width and
+    the number of pairs; None with fewer than 2 pairs (a difference of means is then all there is)."""
+    common = sorted(set(row.get("by_run", {})) & set(base.get("by_run", {})))
+    if len(common) < 2:
+        return None
+    mean, half = mean_ci([row["by_run"][k] - base["by_run"][k] for k in common])
+    return mean, half, len(common)
 
 
 def accuracy_table(rows: list[dict[str, Any]], baseline: str | None) -> str:
     base = next((r for r in rows if r["label"] == baseline), None)
     base_mean = float(np.mean(base["values"])) if base and base["values"] else None
-    lines = ["| data | top-1 % (mean ± 95% CI) | vs " + (baseline or "-") + " | runs |", "|---|---:|---:|---:|"]
+    paired = {id(r): paired_difference(r, base) for r in rows if base is not None and r is not base}
+    with_pairs = any(v is not None for v in paired.values())
+    head = "| data | top-1 % (mean ± 95% CI) | vs " + (baseline or "-") + " |"
+    lines = [head + (" paired difference (95% CI, pairs) |" if with_pairs else "") + " runs |",
+             "|---|---:|---:|" + ("---:|" if with_pairs else "") + "---:|"]
     best = max((np.mean(r["values"]) for r in rows if r["values"]), default=None)
     for r in rows:
         cell = _cell(r["values"])
         if r["values"] and best is not None and np.mean(r["values"]) == best:
             cell = f"**{cell}**"
         gain = "-" if base_mean is None or not r["values"] or r is base else f"{np.mean(r['values']) - base_mean:+.2f}"
-        lines.append(f"| {r['label']} | {cell} | {gain} | {len(r['values'])} |")
+        line = f"| {r['label']} | {cell} | {gain} |"
+        if with_pairs:
+            d = paired.get(id(r))
+            line += " - |" if d is None else f" {d[0]:+.2f} ± {d[1]:.2f} ({d[2]}) |"
+        lines.append(f"{line} {len(r['values'])} |")
     return "\n".join(lines)
 
 
@@ -119,6 +151,25 @@ def _curve(workdir: Path, points: dict[Any, str]) -> tuple[list[float], list[flo
             ys.append(mean)
             err.append(half)
     return xs, ys, err
+
+
+def agreement_section(rows: list[dict[str, str]], workdir: Path) -> list[str]:
+    """Markdown: for each ``{label, bank, reference}``, the share of images whose background / pose / both words
+    in ``bank`` equal those in ``reference`` (``AttributeBank.agreement``); banks not written yet say so."""
+    lines = ["## Attribute extraction", "", "Share of the real training images whose words an extractor's bank "
+             "gives as the reference bank does.", "", "| extractor | background | pose | both | images |",
+             "|---|---:|---:|---:|---:|"]
+    for row in rows:
+        if not {"label", "bank", "reference"} <= set(row):
+            raise ValueError(f"An attribute_agreement row needs label, bank and reference, got {row!r}.")
+        paths = [workdir / row["bank"], workdir / row["reference"]]
+        if not all(p.is_file() for p in paths):
+            lines.append(f"| {row['label']} | not extracted | - | - | - |")
+            continue
+        a = AttributeBank.load(paths[0]).agreement(AttributeBank.load(paths[1]))
+        lines.append(f"| {row['label']} | {100 * a['background']:.1f}% | {100 * a['pose']:.1f}% | "
+                     f"{100 * a['both']:.1f}% | {a['n']} |")
+    return [*lines, ""]
 
 
 def _consistency(workdir: Path, folder: str) -> dict[str, Any] | None:
@@ -195,6 +246,8 @@ def write_report(spec: dict[str, Any], workdir: str | Path, title: str = "experi
         lines.append("")
     if spec.get("cards"):
         lines += cards_section(spec["cards"], workdir)
+    if spec.get("attribute_agreement"):
+        lines += agreement_section(spec["attribute_agreement"], workdir)
     if spec.get("long_tail"):
         lines += ["## Long tail", "", "Top-1 % overall and per bucket of classes by their real training images "
                   "(Many > 100, Medium 20-100, Few < 20); mean ± 95% CI over runs.", "",

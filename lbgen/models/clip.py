@@ -6,6 +6,7 @@ open_clip's ``local-dir`` format, and loaded by ``ClipScorer(model_name="local-d
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -51,8 +52,11 @@ class ClipSystem(L.LightningModule):
     """Train an open_clip model from scratch on labelled images with captions made from class names.
 
     Each image is paired with a caption of its class from a random template; the loss is CLIP's symmetric
-    contrastive loss with the learnable logit scale, with same-class captions as positives. Validation and test
-    report zero-shot top-1 accuracy with prompts averaged over all templates.
+    contrastive loss with the learnable logit scale, with same-class captions as positives. A batch that carries its
+    own ``caption`` strings (``AttributeCaptionedDataModule``: class, background and pose words) is trained on those
+    instead, with images of the same caption as positives: a CLIP that also knows attributes, e.g. BOB's zero-shot
+    attribute extractor for the contextual world (``configs/foundation/contextual_clip.yaml``). Validation and test
+    report zero-shot top-1 accuracy over the class names with prompts averaged over all templates.
 
     Args:
         model_config: open_clip architecture (``embed_dim``, ``vision_cfg``, ``text_cfg``); default a ~2M-parameter
@@ -141,6 +145,25 @@ class ClipSystem(L.LightningModule):
         terms = {"image_to_text": image_to_text, "text_to_image": text_to_image}
         return {name: terms[name] for name in self.weights}
 
+    def caption_loss_terms(self, images: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Named loss terms for images in [0, 1] and their own captions: images whose captions are equal are
+        positives of each other (the label rule of ``loss_terms`` with the caption as the label)."""
+        image_features = self.clip.encode_images(images)
+        unique = sorted(set(captions))
+        tokens = self.clip.tokenizer(unique).to(images.device)
+        text_features = self.clip.model.encode_text(tokens, normalize=True)
+        position = {c: i for i, c in enumerate(unique)}
+        text_features = text_features[torch.tensor([position[c] for c in captions], device=images.device)]
+        # a caption's id must mean the same on every process: a digest of its text, not its place in this batch
+        ids = torch.tensor([int.from_bytes(hashlib.blake2b(c.encode(), digest_size=7).digest(), "big")
+                            for c in captions], device=images.device)
+        image_features, text_features = gather_global(self, image_features), gather_global(self, text_features)
+        ids = gather_global(self, ids)
+        logits = self.logit_scale * image_features @ text_features.t()
+        image_to_text, text_to_image = label_contrastive_loss(logits, ids)
+        terms = {"image_to_text": image_to_text, "text_to_image": text_to_image}
+        return {name: terms[name] for name in self.weights}
+
     def training_loss(self, images: torch.Tensor, labels: torch.Tensor,
                       rngs: list[torch.Generator] | None = None
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -148,12 +171,22 @@ class ClipSystem(L.LightningModule):
         terms = self.loss_terms(images, labels, rngs)
         return sum(self.weights[name] * term for name, term in terms.items()), terms
 
+    def caption_training_loss(self, images: torch.Tensor, captions: list[str]
+                              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The back-propagated total and the named terms for images with their own captions."""
+        terms = self.caption_loss_terms(images, captions)
+        return sum(self.weights[name] * term for name, term in terms.items()), terms
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images, labels, _ = unpack_batch(batch)
         if labels.ndim != 1:
             raise ValueError("ClipSystem needs integer labels; turn off the DataModule's batch_mix.")
-        rngs = randomness.batch_rngs(batch, "lbgen-clip", self.seed)
-        loss, terms = self.training_loss(images, labels, rngs)
+        captions = batch.get("caption") if isinstance(batch, dict) else None
+        if captions is not None:
+            loss, terms = self.caption_training_loss(images, list(captions))
+        else:
+            rngs = randomness.batch_rngs(batch, "lbgen-clip", self.seed)
+            loss, terms = self.training_loss(images, labels, rngs)
         ensure_finite(terms, self.global_step)
         for name, term in terms.items():
             self.log(f"train/{name}", term, batch_size=len(images))
