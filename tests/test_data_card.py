@@ -22,6 +22,7 @@ from lbgen.evaluation.card import (
     check_manifest_matches_shards,
     domain_auc,
     kid,
+    laplacian_variance,
     mean_pairwise_distance,
     vendi_score,
 )
@@ -39,6 +40,17 @@ def test_diversity_measures_have_their_known_values():
     assert vendi_score(orthogonal) == pytest.approx(6.0) and mean_pairwise_distance(orthogonal) == pytest.approx(1.0)
     g = torch.Generator().manual_seed(0)
     assert 1 < vendi_score(torch.randn(50, 8, generator=g)) < 8
+
+
+def test_sharpness_falls_with_blur_and_is_zero_on_flat_images():
+    g = torch.Generator().manual_seed(0)
+    sharp = torch.rand(4, 3, 16, 16, generator=g)
+    blurred = torch.nn.functional.avg_pool2d(sharp, 3, stride=1, padding=1)
+    assert (laplacian_variance(blurred) < 0.2 * laplacian_variance(sharp)).all()
+    assert torch.equal(laplacian_variance(torch.full((2, 3, 8, 8), 0.4)), torch.zeros(2))
+    # one value per image, whatever the channels: a grey image equals its 3-channel copy
+    grey = torch.rand(2, 1, 8, 8, generator=g)
+    torch.testing.assert_close(laplacian_variance(grey), laplacian_variance(grey.expand(-1, 3, -1, -1)))
 
 
 def test_kid_and_the_domain_classifier_tell_a_shifted_set_from_the_same_distribution():
@@ -104,7 +116,7 @@ def test_the_card_of_a_tiny_set_has_every_field_and_finds_the_planted_copies(fmn
     _, records = read_manifest(folder)
     assert card["overall"]["count"] == len(records) == 66
     measures = ("count", "label_consistency", "clip_prob", "quality", "vendi", "vendi_real", "pairwise_distance",
-                "pairwise_distance_real", "kid", "domain_auc")
+                "pairwise_distance_real", "kid", "domain_auc", "sharpness", "sharpness_real")
     for row in [card["overall"], *card["per_class"].values()]:
         assert all(row[m] is not None for m in measures), row
     assert sum(row["count"] for row in card["per_class"].values()) == 66
@@ -165,3 +177,18 @@ def test_a_feature_extractor_for_another_image_size_is_refused_with_the_fix(fmni
     with pytest.raises(ValueError, match="cannot take 32x32 images.*Set the DataModule's image_size"):
         cli_main(["predict", "-c", str(recipe)])
     assert not (folder / CARD_JSON).exists()
+
+
+def test_per_class_card_section_puts_sets_side_by_side(tmp_path):
+    from lbgen.evaluation.card import card_classes_section
+
+    card = {"overall": {"label_consistency": 0.5, "most_frequent_wrong_label": None, "sharpness": 0.01,
+                        "sharpness_real": 0.02},
+            "per_class": {"Shirt": {"label_consistency": 0.25, "most_frequent_wrong_label": "T-shirt/top",
+                                    "most_frequent_wrong_share": 0.6, "sharpness": 0.004, "sharpness_real": 0.03}}}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / CARD_JSON).write_text(json.dumps(card))
+    lines = card_classes_section([{"label": "A", "folder": "a"}, {"label": "B", "folder": "b"}], tmp_path)
+    assert "No card yet: B." in lines[2] and "| class | A | real sharpness |" in lines
+    assert "| Shirt | 25.0%, T-shirt/top (60%), 4.0 | 30.0 |" in lines
+    assert "| overall | 50.0%, 10.0 | 20.0 |" in lines

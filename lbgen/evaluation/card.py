@@ -151,10 +151,18 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def laplacian_variance(images: torch.Tensor) -> torch.Tensor:
+    """Sharpness of each image in [0, 1] ``[B, C, H, W]``: the variance of its grey image's Laplacian (3x3, valid
+    part). Blur lowers it; compare a set's value with real images' of the same size, not across sizes."""
+    grey = images.float().mean(1, keepdim=True)
+    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], device=grey.device).view(1, 1, 3, 3)
+    return torch.nn.functional.conv2d(grey, kernel).flatten(1).var(1)
+
+
 def class_statistics(records: Sequence[dict[str, Any]], class_names: Sequence[str]
                      ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Per class: count, oracle label consistency and the most frequent wrong label, mean CLIP probability of the
-    intended class and quality (from each record's ``scores``: absent measures are None)."""
+    intended class, quality and sharpness (from each record's ``scores``: absent measures are None)."""
     consistency = consistency_report(list(records), list(class_names))
     by_class: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
@@ -169,7 +177,9 @@ def class_statistics(records: Sequence[dict[str, Any]], class_names: Sequence[st
                      "most_frequent_wrong_label": label,
                      "most_frequent_wrong_share": times / len(own) if own and label else None,
                      "clip_prob": _mean([r["scores"]["clip_prob"] for r in own if "clip_prob" in r.get("scores", {})]),
-                     "quality": _mean([r["scores"]["quality"] for r in own if "quality" in r.get("scores", {})])}
+                     "quality": _mean([r["scores"]["quality"] for r in own if "quality" in r.get("scores", {})]),
+                     "sharpness": _mean([r["scores"]["sharpness"] for r in own
+                                         if "sharpness" in r.get("scores", {})])}
     return out, consistency
 
 
@@ -212,15 +222,17 @@ def card_markdown(card: dict[str, Any]) -> str:
              f"Features: {card['features']}; real reference for diversity, KID and the domain classifier: "
              f"{card['real_reference']} ({card['overall']['real_count']} images). Grid: `{CARD_GRID}`.", "",
              "## Content", "",
-             "| class | images | label consistency | most frequent wrong label | CLIP prob of class | quality |",
-             "|---|---:|---:|---|---:|---:|"]
+             "| class | images | label consistency | most frequent wrong label | CLIP prob of class | quality | "
+             "sharpness x1000 (real) |",
+             "|---|---:|---:|---|---:|---:|---:|"]
     for name, row in rows:
         wrong = row.get("most_frequent_wrong_label") or "-"
         if row.get("most_frequent_wrong_share"):
             wrong += f" ({100 * row['most_frequent_wrong_share']:.0f}%)"
         lines.append(f"| {name} | {row['count']} | {_fmt(row['label_consistency'], True)} | {wrong} | "
-                     f"{_fmt(row['clip_prob'], True)} | {_fmt(row['quality'])} |")
-    lines += ["", "## Diversity and distance to real", "",
+                     f"{_fmt(row['clip_prob'], True)} | {_fmt(row['quality'])} | {_sharpness(row)} |")
+    lines += ["", "Sharpness: the variance of the Laplacian of the grey image (blur lowers it), beside the real test "
+              "images' of the class.", "", "## Diversity and distance to real", "",
               "Vendi: effective number of distinct images (cosine kernel); KID x 1000 (0: same distribution); domain "
               "AUC: a logistic regression telling generated from real, cross-validated (0.5: indistinguishable).", "",
               "| class | Vendi | Vendi real | pairwise dist | pairwise dist real | KID x1000 | domain AUC |",
@@ -256,20 +268,29 @@ def card_markdown(card: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _sharpness(row: dict[str, Any]) -> str:
+    values = [row.get("sharpness"), row.get("sharpness_real")]
+    if values[0] is None:
+        return "-"
+    return f"{1000 * values[0]:.1f}" + (f" ({1000 * values[1]:.1f})" if values[1] is not None else "")
+
+
 def cards_section(rows: Sequence[dict[str, str]], workdir: str | Path) -> list[str]:
     """The report's table of data cards: a row per set (``{label, folder}``, the folder relative to ``workdir``)
     with the card's headline measures; a set without ``card.json`` says so."""
     lines = ["## Data cards", "", "Per generated set (`card.md` in its folder): label consistency by the oracle, CLIP "
              "probability of the intended class, Vendi diversity (effective number of distinct images) beside the real "
              "test images', KID x 1000 and a domain classifier's AUC against the real test images (0.5: "
-             "indistinguishable), and images flagged as copies of real test / training images (exact pixel copies "
+             "indistinguishable), the quality judge's score, sharpness (variance of the Laplacian x 1000, real test "
+             "images' in brackets), and images flagged as copies of real test / training images (exact pixel copies "
              "among them).", "",
-             "| data | images | label consistency | CLIP prob | Vendi (real) | KID x1000 | domain AUC | test copies "
-             "(exact) | training copies (exact) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| data | images | label consistency | CLIP prob | Vendi (real) | KID x1000 | domain AUC | quality | "
+             "sharpness (real) | test copies (exact) | training copies (exact) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         path = Path(workdir) / row["folder"] / CARD_JSON
         if not path.is_file():
-            lines.append(f"| {row['label']} | no card | - | - | - | - | - | - | - |")
+            lines.append(f"| {row['label']} | no card | - | - | - | - | - | - | - | - | - |")
             continue
         card = json.loads(path.read_text())
         o, sets = card["overall"], card["leakage"]["sets"]
@@ -278,5 +299,41 @@ def cards_section(rows: Sequence[dict[str, str]], workdir: str | Path) -> list[s
                   for s in ("test", "train")]
         lines.append(f"| {row['label']} | {o['count']} | {_fmt(o['label_consistency'], True)} | "
                      f"{_fmt(o['clip_prob'], True)} | {_fmt(o['vendi'], digits=1)} ({_fmt(o['vendi_real'], digits=1)}) "
-                     f"| {_fmt(k, digits=2)} | {_fmt(o['domain_auc'])} | {copies[0]} | {copies[1]} |")
+                     f"| {_fmt(k, digits=2)} | {_fmt(o['domain_auc'])} | {_fmt(o.get('quality'))} | {_sharpness(o)} "
+                     f"| {copies[0]} | {copies[1]} |")
     return lines + [""]
+
+
+def card_classes_section(rows: Sequence[dict[str, str]], workdir: str | Path) -> list[str]:
+    """The report's per-class comparison of data cards: a row per class, a column per set (``{label, folder}``)
+    with the oracle's label consistency, the label it gives most often instead, and sharpness (which classes a
+    method makes ambiguous or blurred); sets without ``card.json`` are left out and named."""
+    cards, missing = {}, []
+    for row in rows:
+        path = Path(workdir) / row["folder"] / CARD_JSON
+        if path.is_file():
+            cards[row["label"]] = json.loads(path.read_text())
+        else:
+            missing.append(row["label"])
+    lines = ["## Data cards per class", "", "Per class and set: oracle label consistency, the label the oracle "
+             "gives most often instead (its share of the class's images), and sharpness x 1000 (real test images' in "
+             "the last column)." + (f" No card yet: {', '.join(missing)}." if missing else ""), ""]
+    if not cards:
+        return lines
+    labels = list(cards)
+    lines += ["| class | " + " | ".join(labels) + " | real sharpness |", "|---|" + "---:|" * (len(labels) + 1)]
+    names = list(next(iter(cards.values()))["per_class"])
+    for name in ["overall", *names]:
+        cells, real = [], None
+        for label in labels:
+            row = cards[label]["overall"] if name == "overall" else cards[label]["per_class"].get(name, {})
+            wrong = row.get("most_frequent_wrong_label")
+            share = row.get("most_frequent_wrong_share")
+            sharp = row.get("sharpness")
+            real = row.get("sharpness_real", real)
+            cells.append(f"{_fmt(row.get('label_consistency'), True)}"
+                         + (f", {wrong} ({100 * share:.0f}%)" if wrong and share else "")
+                         + (f", {1000 * sharp:.1f}" if sharp is not None else ""))
+        real_cell = _fmt(None if real is None else 1000 * real, digits=1)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {real_cell} |")
+    return [*lines, ""]

@@ -20,6 +20,8 @@ Report spec (the ``report`` section of an experiment file; every path relative t
       - {label: txt2img, folder: runs/synthetic/txt2img}
     cards:               # the data card of each dataset (DataCardSystem: card.json in the folder)
       - {label: txt2img, folder: runs/synthetic/txt2img}
+    card_classes:        # the cards side by side, a row per class (consistency, the label given instead, sharpness)
+      - {label: lbGen, folder: runs/synthetic/lbgen}
     attribute_agreement: # how often an attribute bank's words equal a reference bank's (e.g. exact records)
       - {label: CLIP zero-shot, bank: runs/bob/attributes_clip.json, reference: runs/bob/attributes.json}
     long_tail:           # overall and Many / Medium / Few accuracy of long-tailed runs
@@ -44,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from lbgen.attributes.bank import AttributeBank
-from lbgen.evaluation.card import cards_section
+from lbgen.evaluation.card import card_classes_section, cards_section
 from lbgen.evaluation.fewshot import mean_ci
 from lbgen.evaluation.transfer import transfer_section
 
@@ -246,6 +248,8 @@ def write_report(spec: dict[str, Any], workdir: str | Path, title: str = "experi
         lines.append("")
     if spec.get("cards"):
         lines += cards_section(spec["cards"], workdir)
+    if spec.get("card_classes"):
+        lines += card_classes_section(spec["card_classes"], workdir)
     if spec.get("attribute_agreement"):
         lines += agreement_section(spec["attribute_agreement"], workdir)
     if spec.get("long_tail"):

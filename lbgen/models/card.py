@@ -25,6 +25,7 @@ from lbgen.evaluation.card import (
     check_manifest_matches_shards,
     class_statistics,
     distribution_measures,
+    laplacian_variance,
 )
 from lbgen.evaluation.leakage import (
     LEAKAGE_FILE,
@@ -179,7 +180,8 @@ class DataCardSystem(L.LightningModule):
         features, logits = self.image_features(images)
         pixels = to_uint8(images).cpu()
         part: dict[str, Any] = {"index": batch["index"].cpu().long(), "features": features.cpu(),
-                                "labels": labels.cpu().long(), "hash": image_hashes(pixels)}
+                                "labels": labels.cpu().long(), "hash": image_hashes(pixels),
+                                "sharpness": laplacian_variance(images).cpu()}
         if self.leakage_space == "pixels":
             part["leak"] = pixel_features(images).float().cpu()
         if dataloader_idx == 0:
@@ -219,6 +221,7 @@ class DataCardSystem(L.LightningModule):
                 scores["clip_prob"] = float(gen["clip_prob"][i])
             if "quality" in gen:
                 scores["quality"] = float(gen["quality"][i])
+            scores["sharpness"] = float(gen["sharpness"][i])
             r["scores"] = scores
         per_class, consistency = class_statistics(records, names)
         labels = [r["class_index"] for r in records]
@@ -246,6 +249,7 @@ class DataCardSystem(L.LightningModule):
         atomic_write_json(folder / LEAKAGE_FILE, {"space": self.leakage_space, "threshold": self.leakage_threshold,
                                                   "flagged": leakage["flagged"]})
         real_counts = torch.bincount(test["labels"], minlength=len(names)).tolist()
+        real_sharpness = [_mean(test["sharpness"][test["labels"] == c].tolist()) for c in range(len(names))]
         card: dict[str, Any] = {
             "folder": str(folder), "methods": sorted({str(r.get("method")) for r in records}),
             "features": f"{self.features} ({self.clip.name if self.features == 'clip' else self.oracle_checkpoint})",
@@ -256,9 +260,10 @@ class DataCardSystem(L.LightningModule):
                         "most_frequent_wrong_share": None,
                         "clip_prob": _mean(r["scores"].get("clip_prob") for r in records),
                         "quality": _mean(r["scores"].get("quality") for r in records),
-                        **distribution["overall"]},
-            "per_class": {n: {**per_class[n], "real_count": real_counts[c], **distribution["per_class"][n]}
-                          for c, n in enumerate(names)},
+                        "sharpness": _mean(r["scores"].get("sharpness") for r in records),
+                        "sharpness_real": _mean(test["sharpness"].tolist()), **distribution["overall"]},
+            "per_class": {n: {**per_class[n], "real_count": real_counts[c], "sharpness_real": real_sharpness[c],
+                              **distribution["per_class"][n]} for c, n in enumerate(names)},
             "leakage": {"space": self.leakage_space, "threshold": self.leakage_threshold, "file": LEAKAGE_FILE,
                         "view": self.view_name, "n_kept": view["n_kept"], "n_flagged": len(flagged),
                         "self_duplicates": int((self_sim >= self.leakage_threshold).sum()),
