@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -125,3 +127,25 @@ def test_fewshot_episodes_system_writes_rows_for_every_shot_and_support(fmnist_f
     assert [r for r in again["results"]] == [rows[(1, 0)], rows[(2, 0)]]
     with pytest.raises(ValueError, match="needs a synthetic dataset"):
         run("c.json", False, [0, 3])
+
+
+def test_exchange_rate_report_maps_each_seed_on_its_own_real_curve(tmp_path):
+    from lbgen.evaluation.report import exchange_rate_section
+
+    def run(root: str, acc: float) -> None:
+        (tmp_path / root / "version_0").mkdir(parents=True)
+        (tmp_path / root / "version_0" / "test_metrics.json").write_text(json.dumps({"acc": acc / 100}))
+
+    # seed 1 is 10 points below seed 0 everywhere: on its own curve each synthetic point is worth the same
+    for seed, offset in ((0, 0.0), (1, -10.0)):
+        for added, acc in ((0, 60.0), (10, 65.0), (20, 70.0), (40, 75.0)):
+            run(f"real_a{added}/s{seed}", acc + offset)
+        for n_syn, acc in ((20, 67.5), (40, 70.0)):
+            run(f"open_n{n_syn}/s{seed}", acc + offset)
+    spec = {"classes": 10, "bases": [{"n_base": 10, "real": {a: f"real_a{a}/s*" for a in (0, 10, 20, 40)},
+                                      "synthetic": {"open": {n: f"open_n{n}/s*" for n in (20, 40)}}}]}
+    text = "\n".join(exchange_rate_section(spec, tmp_path, "report"))
+    assert "| 10 | open | 20 | 62.50 | 15.0 | 15.00 ± 0.00 (2) |" in text
+    assert "| 10 | open | 40 | 65.00 | 20.0 | 20.00 ± 0.00 (2) |" in text
+    assert "| generator | n_base 10 |" in text and "| open | 0.50 ± 0.00 |" in text  # 20 real for 40 synthetic
+    assert "| open | - | - | 2 (" in text  # two points: too few for the law's fit, said so

@@ -294,9 +294,39 @@ def write_report(spec: dict[str, Any], workdir: str | Path, title: str = "experi
     return path
 
 
+def _seeded_curve(workdir: Path, points: dict[Any, str]) -> dict[str, dict[float, float]]:
+    """``{run: {x: accuracy}}``: each run root's (e.g. split seed ``s0``) own curve over the points."""
+    out: dict[str, dict[float, float]] = {}
+    for x, pattern in points.items():
+        for run, value in keyed_accuracies(workdir, pattern):
+            out.setdefault(run, {})[float(x)] = value
+    return out
+
+
+def _seed_worths(workdir: Path, real: dict[Any, str], synthetic: dict[Any, str], n_base: float
+                 ) -> dict[float, list[float]]:
+    """Per n_syn, the real images each run's synthetic point is worth on the same run's real curve (runs paired by
+    root name, e.g. split seed); points outside that run's real curve are left out."""
+    from lbgen.evaluation.exchange_rate import exchange_points
+
+    real_runs, syn_runs = _seeded_curve(workdir, real), _seeded_curve(workdir, synthetic)
+    worths: dict[float, list[float]] = {}
+    for run, syn in syn_runs.items():
+        curve = real_runs.get(run, {})
+        if len(curve) < 2:
+            continue
+        xs = sorted(curve)
+        for _, worth, n_syn in exchange_points(n_base, xs, [curve[x] for x in xs], sorted(syn),
+                                               [syn[x] for x in sorted(syn)]):
+            worths.setdefault(n_syn, []).append(worth)
+    return worths
+
+
 def exchange_rate_section(spec: dict[str, Any], workdir: Path, stem: str) -> list[str]:
     """Closed-set exchange rate: per base size, the real curve (images added) and each generator's synthetic curve;
-    every synthetic point mapped to the real images of equal accuracy, and the law fitted per generator.
+    every synthetic point mapped to the real images of equal accuracy, and the law fitted per generator. With runs
+    over seeds (``s*``), each seed's synthetic point is also mapped on its own real curve: the worth's mean and 95%
+    interval over seeds, and the worth of one synthetic image per base size (does it fall as the base grows?).
 
     Spec: ``{classes: k, bases: [{n_base: 10, real: {added: runs}, synthetic: {generator: {n_syn: runs}}}]}``.
     """
@@ -306,17 +336,20 @@ def exchange_rate_section(spec: dict[str, Any], workdir: Path, stem: str) -> lis
     lines = ["## Exchange rate: synthetic vs real images", "",
              "Per base set of n_base real images per class: accuracy after adding real images, or synthetic images "
              "of each generator; a synthetic point is worth the real images that reach the same accuracy on the real "
-             "curve. Law fitted: `n_syn / n_base = c1^(n_base / k) * (c2^(n_real_added / n_base) - 1)`.", ""]
+             "curve (of the mean curves; and seed by seed, each seed's point on its own real curve). Law fitted: "
+             "`n_syn / n_base = c1^(n_base / k) * (c2^(n_real_added / n_base) - 1)`.", ""]
     points: dict[str, list[tuple[float, float, float]]] = {}
     series: dict[str, tuple[list[float], list[float], list[float]]] = {}
-    table = ["| n_base | data | images added per class | top-1 % | worth real images per class |",
-             "|---:|---|---:|---:|---:|"]
+    per_image: dict[str, dict[float, list[float]]] = {}  # generator -> n_base -> worth / n_syn at the largest n_syn
+    table = ["| n_base | data | images added per class | top-1 % | worth real images per class | per seed "
+             "(mean ± 95% CI, seeds) |", "|---:|---|---:|---:|---:|---:|"]
     for base in spec.get("bases") or []:
         n_base = float(base["n_base"])
         real_x, real_y, _ = _curve(workdir, base.get("real") or {})
         if real_x:
             series[f"real, n_base {n_base:g}"] = (real_x, real_y, [0.0] * len(real_x))
-            table += [f"| {n_base:g} | real | {x:g} | {y:.2f} | {x:g} |" for x, y in zip(real_x, real_y, strict=True)]
+            table += [f"| {n_base:g} | real | {x:g} | {y:.2f} | {x:g} | - |"
+                      for x, y in zip(real_x, real_y, strict=True)]
         for name, curve in (base.get("synthetic") or {}).items():
             syn_x, syn_y, _ = _curve(workdir, curve)
             if not syn_x:
@@ -324,16 +357,30 @@ def exchange_rate_section(spec: dict[str, Any], workdir: Path, stem: str) -> lis
             series[f"{name}, n_base {n_base:g}"] = (syn_x, syn_y, [0.0] * len(syn_x))
             found = exchange_points(n_base, real_x, real_y, syn_x, syn_y) if len(real_x) > 1 else []
             worth = {p[2]: p[1] for p in found}
-            table += [f"| {n_base:g} | {name} | {x:g} | {y:.2f} | "
-                      f"{f'{worth[x]:.1f}' if x in worth else 'outside the real curve'} |"
-                      for x, y in zip(syn_x, syn_y, strict=True)]
+            seeded = _seed_worths(workdir, base.get("real") or {}, curve, n_base)
+            for x in syn_x:
+                by_seed = seeded.get(x, [])
+                cell = "-" if not by_seed else _cell(by_seed) + f" ({len(by_seed)})"
+                table.append(f"| {n_base:g} | {name} | {x:g} | {syn_y[syn_x.index(x)]:.2f} | "
+                             f"{f'{worth[x]:.1f}' if x in worth else 'outside the real curve'} | {cell} |")
+            if seeded.get(max(syn_x)):
+                per_image.setdefault(name, {})[n_base] = [w / max(syn_x) for w in seeded[max(syn_x)]]
             points.setdefault(name, []).extend(found)
     if not series:
         return lines + ["No exchange-rate runs yet.", ""]
     plot = _plot(workdir / f"{stem}_exchange_rate.png", series, "images added per class", "top-1 %",
                  "Real vs synthetic images added")
-    lines += [f"![]({plot.name})", "", *table, "", "| generator | c1 (95% CI) | c2 (95% CI) | points |",
-              "|---|---|---|---:|"]
+    lines += [f"![]({plot.name})", "", *table, ""]
+    if per_image:
+        bases = sorted({b for by_base in per_image.values() for b in by_base})
+        lines += ["Real images one synthetic image is worth, at the largest number added (mean ± 95% CI over seeds; "
+                  "seeds whose point falls outside their real curve are left out):", "",
+                  "| generator | " + " | ".join(f"n_base {b:g}" for b in bases) + " |", "|---|" + "---:|" * len(bases)]
+        for name, by_base in per_image.items():
+            lines.append(f"| {name} | " + " | ".join(
+                _cell(by_base[b]) if b in by_base else "-" for b in bases) + " |")
+        lines.append("")
+    lines += ["| generator | c1 (95% CI) | c2 (95% CI) | points |", "|---|---|---|---:|"]
     for name, found in points.items():
         try:
             fit = fit_exchange_rate(found, k)
