@@ -164,11 +164,13 @@ def test_captioned_datamodule_gives_bank_captions_and_plain_ones(fmnist_fixture,
     for caption, index, label in zip(batch["caption"], batch["index"].tolist(), batch["label"].tolist(), strict=True):
         assert caption == (f"a garment photo of a {CLASSES[label]} in the bg{index % 4} background with the upright "
                            "pose")
+    assert not batch["caption_plain"].any()  # every caption here is the image's own
     plain = AttributeCaptionedDataModule(FashionMNISTDataModule(root=str(fmnist_fixture), image_size=16, shots=3,
                                                                 batch_size=30), caption_template="a photo of a {class}")
     plain.setup("fit")
     batch = next(iter(plain.train_dataloader()))
     assert batch["caption"] == [f"a photo of a {CLASSES[c]}" for c in batch["label"].tolist()]
+    assert batch["caption_plain"].all()  # the plain class caption: true of the whole class
     other_split = AttributeCaptionedDataModule(FashionMNISTDataModule(
         root=str(fmnist_fixture), image_size=16, shots=3, split_seed=1, batch_size=30), attribute_bank=str(path))
     with pytest.raises(ValueError, match="no record for"):

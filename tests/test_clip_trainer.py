@@ -164,6 +164,15 @@ def test_own_captions_with_one_template_give_the_class_caption_loss():
     # attribute words split a class: images of the same class with other captions are no longer positives
     split = [f"{c} on grass" if i % 2 else f"{c} on gravel" for i, c in enumerate(captions)]
     assert not torch.allclose(model.caption_training_loss(images, split)[0], model.training_loss(images, labels)[0])
+    # a plain class caption is true of its whole class: marked plain, every caption of a batch of plain ones is the
+    # class caption again, so the loss is the class caption loss whatever the other images' attribute words
+    plain = torch.ones(12, dtype=torch.bool)
+    torch.testing.assert_close(model.caption_training_loss(images, captions, labels, plain)[0],
+                               model.training_loss(images, labels)[0])
+    half = torch.arange(12) < 6  # plain captions for the first six (classes 0-3, 0, 1): shared with the rest
+    mixed = [c if p else s for c, s, p in zip(captions, split, half.tolist(), strict=True)]
+    assert not torch.allclose(model.caption_training_loss(images, mixed, labels, half)[0],
+                              model.caption_training_loss(images, mixed)[0])  # the plain ones gained positives
 
 
 def test_caption_terms_reach_every_trainable_parameter_and_training_step_uses_them(monkeypatch):

@@ -147,5 +147,5 @@ def test_exchange_rate_report_maps_each_seed_on_its_own_real_curve(tmp_path):
     text = "\n".join(exchange_rate_section(spec, tmp_path, "report"))
     assert "| 10 | open | 20 | 62.50 | 15.0 | 15.00 ± 0.00 (2) |" in text
     assert "| 10 | open | 40 | 65.00 | 20.0 | 20.00 ± 0.00 (2) |" in text
-    assert "| generator | n_base 10 |" in text and "| open | 0.50 ± 0.00 |" in text  # 20 real for 40 synthetic
+    assert "| generator | n_base 10 |" in text and "| open | 0.50 ± 0.00 (2) |" in text  # 20 real for 40 synthetic
     assert "| open | - | - | 2 (" in text  # two points: too few for the law's fit, said so

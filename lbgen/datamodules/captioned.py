@@ -15,7 +15,8 @@ from lbgen.datamodules.base import ClassificationDataset, ImageClassificationDat
 
 
 class CaptionedDataset(Dataset):
-    """A classification dataset whose samples also carry ``caption`` (a string)."""
+    """A classification dataset whose samples also carry ``caption`` (a string) and ``caption_plain`` (whether it is
+    the plain class caption, true of every image of the class, rather than the image's own attribute caption)."""
 
     def __init__(self, base: ClassificationDataset, captions: dict[str, str], plain: list[str],
                  attribute_dropout: float) -> None:
@@ -29,9 +30,10 @@ class CaptionedDataset(Dataset):
         key = getattr(i, "key", None)  # seeded per sample when the index carries a key (lbgen's training order)
         generator = None if key is None else torch.Generator().manual_seed(derive_seed("lbgen-caption", key))
         if self.attribute_dropout and torch.rand((), generator=generator).item() < self.attribute_dropout:
-            sample["caption"] = self.plain[sample["label"]]
+            sample["caption"], sample["caption_plain"] = self.plain[sample["label"]], True
         else:
             sample["caption"] = self.captions[self.base.images.sample_id(sample["index"])]
+            sample["caption_plain"] = sample["caption"] == self.plain[sample["label"]]
         return sample
 
 

@@ -373,12 +373,13 @@ def exchange_rate_section(spec: dict[str, Any], workdir: Path, stem: str) -> lis
     lines += [f"![]({plot.name})", "", *table, ""]
     if per_image:
         bases = sorted({b for by_base in per_image.values() for b in by_base})
-        lines += ["Real images one synthetic image is worth, at the largest number added (mean ± 95% CI over seeds; "
-                  "seeds whose point falls outside their real curve are left out):", "",
+        lines += ["Real images one synthetic image is worth, at the largest number added (mean ± 95% CI over seeds, "
+                  "and how many seeds: a seed whose point falls outside its own real curve is left out, so a cell "
+                  "with fewer seeds is conditional on landing inside):", "",
                   "| generator | " + " | ".join(f"n_base {b:g}" for b in bases) + " |", "|---|" + "---:|" * len(bases)]
         for name, by_base in per_image.items():
             lines.append(f"| {name} | " + " | ".join(
-                _cell(by_base[b]) if b in by_base else "-" for b in bases) + " |")
+                f"{_cell(by_base[b])} ({len(by_base[b])})" if b in by_base else "-" for b in bases) + " |")
         lines.append("")
     lines += ["| generator | c1 (95% CI) | c2 (95% CI) | points |", "|---|---|---|---:|"]
     for name, found in points.items():

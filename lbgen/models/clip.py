@@ -37,13 +37,16 @@ FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.286, 0.286, 0.286), (0.353, 0.353, 0.
 CONFIG_FILE, WEIGHTS_FILE = "open_clip_config.json", "open_clip_model.safetensors"
 
 
-def label_contrastive_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def label_contrastive_loss(logits: torch.Tensor, labels: torch.Tensor,
+                           positives: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Image-to-text and text-to-image cross-entropy of ``logits[i, j]`` (image i, caption of sample j).
 
     A batch holds many samples of each class, so every caption of the image's class is a positive: the target of a
-    row is uniform over the samples with the same label (CLIP's one-hot target when all labels differ).
+    row is uniform over the samples with the same label (CLIP's one-hot target when all labels differ). ``positives``
+    (a symmetric boolean ``[N, N]``, true on the diagonal) replaces "same label" when given.
     """
-    same = (labels[:, None] == labels[None, :]).float()
+    same = (labels[:, None] == labels[None, :]) if positives is None else positives
+    same = same.float()
     targets = same / same.sum(1, keepdim=True)  # symmetric matrix: the same targets serve both directions
     return F.cross_entropy(logits, targets), F.cross_entropy(logits.t(), targets)
 
@@ -54,7 +57,8 @@ class ClipSystem(L.LightningModule):
     Each image is paired with a caption of its class from a random template; the loss is CLIP's symmetric
     contrastive loss with the learnable logit scale, with same-class captions as positives. A batch that carries its
     own ``caption`` strings (``AttributeCaptionedDataModule``: class, background and pose words) is trained on those
-    instead, with images of the same caption as positives: a CLIP that also knows attributes, e.g. BOB's zero-shot
+    instead, with images of the same caption as positives (and the plain class caption a positive of its whole
+    class, ``caption_plain``): a CLIP that also knows attributes, e.g. BOB's zero-shot
     attribute extractor for the contextual world (``configs/foundation/contextual_clip.yaml``). Validation and test
     report zero-shot top-1 accuracy over the class names with prompts averaged over all templates.
 
@@ -145,9 +149,11 @@ class ClipSystem(L.LightningModule):
         terms = {"image_to_text": image_to_text, "text_to_image": text_to_image}
         return {name: terms[name] for name in self.weights}
 
-    def caption_loss_terms(self, images: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
-        """Named loss terms for images in [0, 1] and their own captions: images whose captions are equal are
-        positives of each other (the label rule of ``loss_terms`` with the caption as the label)."""
+    def caption_loss_terms(self, images: torch.Tensor, captions: list[str], labels: torch.Tensor | None = None,
+                           plain: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Named loss terms for images in [0, 1] and their own captions. Positives: images whose captions are equal,
+        and, given ``labels`` and ``plain`` (which captions are the plain class caption, true of the whole class),
+        any two images of one class where either caption is plain: "a photo of a Shirt" describes every Shirt."""
         image_features = self.clip.encode_images(images)
         unique = sorted(set(captions))
         tokens = self.clip.tokenizer(unique).to(images.device)
@@ -159,8 +165,13 @@ class ClipSystem(L.LightningModule):
                             for c in captions], device=images.device)
         image_features, text_features = gather_global(self, image_features), gather_global(self, text_features)
         ids = gather_global(self, ids)
+        positives = ids[:, None] == ids[None, :]
+        if labels is not None and plain is not None:
+            labels = gather_global(self, labels.to(images.device))
+            plain = gather_global(self, plain.to(images.device).long()).bool()
+            positives |= (labels[:, None] == labels[None, :]) & (plain[:, None] | plain[None, :])
         logits = self.logit_scale * image_features @ text_features.t()
-        image_to_text, text_to_image = label_contrastive_loss(logits, ids)
+        image_to_text, text_to_image = label_contrastive_loss(logits, ids, positives)
         terms = {"image_to_text": image_to_text, "text_to_image": text_to_image}
         return {name: terms[name] for name in self.weights}
 
@@ -171,10 +182,10 @@ class ClipSystem(L.LightningModule):
         terms = self.loss_terms(images, labels, rngs)
         return sum(self.weights[name] * term for name, term in terms.items()), terms
 
-    def caption_training_loss(self, images: torch.Tensor, captions: list[str]
-                              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def caption_training_loss(self, images: torch.Tensor, captions: list[str], labels: torch.Tensor | None = None,
+                              plain: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The back-propagated total and the named terms for images with their own captions."""
-        terms = self.caption_loss_terms(images, captions)
+        terms = self.caption_loss_terms(images, captions, labels, plain)
         return sum(self.weights[name] * term for name, term in terms.items()), terms
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -183,7 +194,9 @@ class ClipSystem(L.LightningModule):
             raise ValueError("ClipSystem needs integer labels; turn off the DataModule's batch_mix.")
         captions = batch.get("caption") if isinstance(batch, dict) else None
         if captions is not None:
-            loss, terms = self.caption_training_loss(images, list(captions))
+            plain = batch.get("caption_plain")
+            loss, terms = self.caption_training_loss(images, list(captions), labels,
+                                                     None if plain is None else torch.as_tensor(plain))
         else:
             rngs = randomness.batch_rngs(batch, "lbgen-clip", self.seed)
             loss, terms = self.training_loss(images, labels, rngs)
