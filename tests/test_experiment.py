@@ -330,3 +330,29 @@ def test_every_experiment_report_renders_before_anything_ran(path, tmp_path):
     spec = load_experiment(path).get("report") or {}
     report = write_report(spec, tmp_path, title=path.stem)
     assert report.is_file() and report.read_text().startswith("#")
+
+
+@pytest.mark.slow
+def test_every_kind_of_stage_command_parses(tmp_path, monkeypatch):
+    # a misnamed or unparsable flag in a stage fails only when the stage runs, hours into an experiment: every
+    # distinct stage shape (subcommand, recipes, option names) of every experiment file is parsed here
+    from lbgen.cli import cli_main
+
+    shapes: dict[tuple, tuple[str, ...]] = {}
+    for path in EXPERIMENTS:
+        for stage in expand_stages(load_experiment(path)):
+            if stage.args[0] not in ("fit", "validate", "test", "predict"):
+                continue
+            options = tuple(w.split("=")[0] for w in stage.args if w.startswith("--"))
+            recipes = tuple(w for w in stage.args if w.endswith(".yaml"))
+            shapes.setdefault((stage.args[0], recipes, options), stage.args)
+    assert len(shapes) > 20
+    monkeypatch.chdir(tmp_path)  # parsing reads nothing from the workdir; nothing may be written either
+    failed = []
+    for args in shapes.values():
+        try:
+            cli_main([*args, "--print_config"])
+        except SystemExit as done:
+            if done.code not in (0, None):
+                failed.append(" ".join(args))
+    assert not failed, "stage commands that do not parse:\n" + "\n".join(failed)
