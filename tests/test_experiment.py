@@ -356,3 +356,11 @@ def test_every_kind_of_stage_command_parses(tmp_path, monkeypatch):
             if done.code not in (0, None):
                 failed.append(" ".join(args))
     assert not failed, "stage commands that do not parse:\n" + "\n".join(failed)
+
+
+def test_a_report_row_whose_label_lost_half_to_an_unquoted_comma_is_refused(tmp_path):
+    spec = yaml.safe_load("accuracy:\n  - {label: + txt2img, hard CLIP filter, runs: runs/x}\n")
+    with pytest.raises(ValueError, match="quote a label"):
+        write_report(spec, tmp_path)
+    spec = yaml.safe_load('cards:\n  - {label: "retrieval (100, seed 0)", folder: runs/x}\n')
+    assert "| retrieval (100, seed 0) | no card |" in write_report(spec, tmp_path).read_text()

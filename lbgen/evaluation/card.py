@@ -288,6 +288,8 @@ def cards_section(rows: Sequence[dict[str, str]], workdir: str | Path) -> list[s
              "sharpness (real) | test copies (exact) | training copies (exact) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
+        if not isinstance(row, dict) or set(row) != {"label", "folder"}:
+            raise ValueError(f"A cards row has the keys label and folder, got {row!r} (quote a label with a comma).")
         path = Path(workdir) / row["folder"] / CARD_JSON
         if not path.is_file():
             lines.append(f"| {row['label']} | no card | - | - | - | - | - | - | - | - | - |")
@@ -310,6 +312,9 @@ def card_classes_section(rows: Sequence[dict[str, str]], workdir: str | Path) ->
     method makes ambiguous or blurred); sets without ``card.json`` are left out and named."""
     cards, missing = {}, []
     for row in rows:
+        if not isinstance(row, dict) or set(row) != {"label", "folder"}:
+            raise ValueError(f"A card_classes row has the keys label and folder, got {row!r} (quote a label with a "
+                             "comma).")
         path = Path(workdir) / row["folder"] / CARD_JSON
         if path.is_file():
             cards[row["label"]] = json.loads(path.read_text())

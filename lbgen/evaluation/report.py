@@ -82,11 +82,19 @@ def _cell(values: list[float]) -> str:
 def accuracy_rows(workdir: Path, rows: list[dict[str, str]]) -> list[dict[str, Any]]:
     out = []
     for row in rows:
-        if not {"label", "runs"} <= set(row):
-            raise ValueError(f"An accuracy row needs label and runs, got {row!r}.")
+        check_row(row, {"label", "runs"}, "An accuracy row")
         keyed = keyed_accuracies(workdir, row["runs"])
         out.append({"label": row["label"], "values": [v for _, v in keyed], "by_run": dict(keyed)})
     return out
+
+
+def check_row(row: Any, keys: set[str], what: str) -> None:
+    """A report row is a mapping with exactly ``keys``: a YAML flow mapping with an unquoted comma in its label
+    (``{label: a, b, runs: x}``) reads as an extra key ``b``, and the row would lose half its label silently."""
+    if not isinstance(row, dict) or set(row) != keys:
+        extra = sorted(set(row) - keys) if isinstance(row, dict) else []
+        raise ValueError(f"{what} has the keys {', '.join(sorted(keys))}, got {row!r}"
+                         + (f" (unknown {extra}: quote a label that holds a comma)" if extra else "") + ".")
 
 
 def paired_difference(row: dict[str, Any], base: dict[str, Any]) -> tuple[float, float, int] | None:
@@ -162,8 +170,7 @@ def agreement_section(rows: list[dict[str, str]], workdir: Path) -> list[str]:
              "gives as the reference bank does.", "", "| extractor | background | pose | both | images |",
              "|---|---:|---:|---:|---:|"]
     for row in rows:
-        if not {"label", "bank", "reference"} <= set(row):
-            raise ValueError(f"An attribute_agreement row needs label, bank and reference, got {row!r}.")
+        check_row(row, {"label", "bank", "reference"}, "An attribute_agreement row")
         paths = [workdir / row["bank"], workdir / row["reference"]]
         if not all(p.is_file() for p in paths):
             lines.append(f"| {row['label']} | not extracted | - | - | - |")
@@ -238,6 +245,7 @@ def write_report(spec: dict[str, Any], workdir: str | Path, title: str = "experi
                   "data assigns to the prompted class (`label_consistency.json` of each dataset).", "",
                   "| data | label consistency % | weakest class | images |", "|---|---:|---|---:|"]
         for row in spec["consistency"]:
+            check_row(row, {"label", "folder"}, "A consistency row")
             report = _consistency(workdir, row["folder"])
             if report is None or report.get("overall") is None:
                 lines.append(f"| {row['label']} | not scored | - | - |")
@@ -257,6 +265,7 @@ def write_report(spec: dict[str, Any], workdir: str | Path, title: str = "experi
                   "(Many > 100, Medium 20-100, Few < 20); mean ± 95% CI over runs.", "",
                   "| data | overall | Many | Medium | Few | runs |", "|---|---:|---:|---:|---:|---:|"]
         for row in spec["long_tail"]:
+            check_row(row, {"label", "runs"}, "A long_tail row")
             values = {key: run_accuracies(workdir, row["runs"], key) for key in ("acc", "acc_many", "acc_medium",
                                                                                  "acc_few")}
             lines.append(f"| {row['label']} | {' | '.join(map(_cell, values.values()))} | {len(values['acc'])} |")
@@ -267,6 +276,7 @@ def write_report(spec: dict[str, Any], workdir: str | Path, title: str = "experi
                   "| backbone | way | shot | + synthetic per class | accuracy % | episodes |",
                   "|---|---:|---:|---:|---:|---:|"]
         for row in spec["fewshot"]:
+            check_row(row, {"label", "file"}, "A fewshot row")
             path = workdir / row["file"]
             if not path.is_file():
                 lines.append(f"| {row['label']} | not run | - | - | - | - |")
