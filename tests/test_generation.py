@@ -361,3 +361,13 @@ def test_progress_is_shown_logged_and_the_grid_written(tiny_generator, fmnist_fi
         model, GenerationRequestsDataModule(source_data=_source(fmnist_fixture), batch_size=4, images_per_class=1),
         return_predictions=False)
     assert rich.progress.tasks[rich.predict_progress_bar_id].description.startswith("Generating: generated 10/10 ")
+
+
+def test_a_lora_named_none_by_the_command_line_parser_is_refused_with_the_fix(tmp_path, monkeypatch):
+    # `--model.init_args.generator.init_args.lora null` reaches the class as the text "None" (jsonargparse, two
+    # class levels deep): loading a LoRA folder called None would fail later with a confusing missing-file error
+    monkeypatch.chdir(tmp_path)
+    for text in ("None", "null"):
+        with pytest.raises(ValueError, match="lora: null"):
+            PretrainedGenerator("runs/embedded/generator", lora=text)
+    assert PretrainedGenerator("runs/embedded/generator", lora=None).lora is None

@@ -275,6 +275,11 @@ class PretrainedGenerator(GeneratorSource):
                  lora: str | None = None, trust_remote_code: bool = False) -> None:
         if torch_dtype is not None and torch_dtype not in _DTYPES:
             raise ValueError(f"torch_dtype must be one of {sorted(_DTYPES)}, got {torch_dtype!r}.")
+        if lora in ("None", "null") and not Path(lora).exists():
+            # jsonargparse turns `null` given on the command line two class levels deep into the string "None"
+            raise ValueError(f"lora={lora!r} is a string, not 'no LoRA': `--...generator.init_args.lora null` is read "
+                             "as text at this depth. Leave out the recipe that sets a LoRA, or set `lora: null` in a "
+                             "config file (-c).")
         self.model, self.torch_dtype, self.variant, self.lora = model, torch_dtype, variant, lora
         self.trust_remote_code = bool(trust_remote_code)
 
