@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lbgen.evaluation.label_consistency import consistency_report
+from lbgen.evaluation.rows import check_row
 from lbgen.storage.dataset_format import SHARD_DIR, complete_shards, read_index, read_manifest
 
 CARD_JSON, CARD_MARKDOWN, CARD_GRID = "card.json", "card.md", "samples.png"
@@ -288,8 +289,7 @@ def cards_section(rows: Sequence[dict[str, str]], workdir: str | Path) -> list[s
              "sharpness (real) | test copies (exact) | training copies (exact) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
-        if not isinstance(row, dict) or set(row) != {"label", "folder"}:
-            raise ValueError(f"A cards row has the keys label and folder, got {row!r} (quote a label with a comma).")
+        check_row(row, {"label", "folder"}, "A cards row")
         path = Path(workdir) / row["folder"] / CARD_JSON
         if not path.is_file():
             lines.append(f"| {row['label']} | no card | - | - | - | - | - | - | - | - | - |")
@@ -312,9 +312,7 @@ def card_classes_section(rows: Sequence[dict[str, str]], workdir: str | Path) ->
     method makes ambiguous or blurred); sets without ``card.json`` are left out and named."""
     cards, missing = {}, []
     for row in rows:
-        if not isinstance(row, dict) or set(row) != {"label", "folder"}:
-            raise ValueError(f"A card_classes row has the keys label and folder, got {row!r} (quote a label with a "
-                             "comma).")
+        check_row(row, {"label", "folder"}, "A card_classes row")
         path = Path(workdir) / row["folder"] / CARD_JSON
         if path.is_file():
             cards[row["label"]] = json.loads(path.read_text())

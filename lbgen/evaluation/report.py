@@ -48,6 +48,7 @@ import numpy as np
 from lbgen.attributes.bank import AttributeBank
 from lbgen.evaluation.card import card_classes_section, cards_section
 from lbgen.evaluation.fewshot import mean_ci
+from lbgen.evaluation.rows import check_row
 from lbgen.evaluation.transfer import transfer_section
 
 REPORT_FILE = "report.md"
@@ -86,15 +87,6 @@ def accuracy_rows(workdir: Path, rows: list[dict[str, str]]) -> list[dict[str, A
         keyed = keyed_accuracies(workdir, row["runs"])
         out.append({"label": row["label"], "values": [v for _, v in keyed], "by_run": dict(keyed)})
     return out
-
-
-def check_row(row: Any, keys: set[str], what: str) -> None:
-    """A report row is a mapping with exactly ``keys``: a YAML flow mapping with an unquoted comma in its label
-    (``{label: a, b, runs: x}``) reads as an extra key ``b``, and the row would lose half its label silently."""
-    if not isinstance(row, dict) or set(row) != keys:
-        extra = sorted(set(row) - keys) if isinstance(row, dict) else []
-        raise ValueError(f"{what} has the keys {', '.join(sorted(keys))}, got {row!r}"
-                         + (f" (unknown {extra}: quote a label that holds a comma)" if extra else "") + ".")
 
 
 def paired_difference(row: dict[str, Any], base: dict[str, Any]) -> tuple[float, float, int] | None:
