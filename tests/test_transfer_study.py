@@ -10,7 +10,7 @@ import torch
 
 from lbgen.datamodules import PackagedImageDataModule
 from lbgen.datamodules.packaged import CLASS_NAMES, load_packaged
-from lbgen.evaluation.transfer import episode_accuracies, transfer_markdown, transfer_table
+from lbgen.evaluation.transfer import episode_accuracies, finetune_accuracies, transfer_markdown, transfer_table
 from lbgen.losses import DatasetAlignmentLoss
 
 
@@ -142,7 +142,7 @@ def test_report_transfer_section_tables_the_sets_and_plots_the_gain(tmp_path):
             "sets": ["mnist", "faces"], "validation_set": "digits", "compare": [["lbgen", "txt2img"]]}
     (tmp_path / "probe").mkdir()
     report = write_report({"transfer": spec}, tmp_path)
-    assert "Not complete: 12 probe results missing" in report.read_text()
+    assert "Not complete: 12 results missing" in report.read_text()
     for source, gain in (("lbgen", 1.0), ("txt2img", 0.0)):
         for seed in (0, 1):
             for d in ("mnist", "faces", "digits"):
@@ -151,3 +151,90 @@ def test_report_transfer_section_tables_the_sets_and_plots_the_gain(tmp_path):
     text = write_report({"transfer": spec}, tmp_path).read_text()
     assert "Validation downstream set** (digits" in text and "| lbgen - txt2img | +1.00 ± 0.00" in text
     assert (tmp_path / "report_transfer.png").is_file()
+
+
+def _metrics_file(path, acc):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"acc": acc / 100}))
+
+
+def test_finetune_runs_table_by_shots_with_full_data_last(tmp_path):
+    files = {}
+    for source, gain in (("lbgen", 3.0), ("txt2img", 0.0)):
+        files[source] = {}
+        for seed in range(3):
+            for k, base in (("full", 90.0), (10, 70.0), (1, 40.0)):
+                _metrics_file(tmp_path / source / f"mnist_k{k}" / f"s{seed}" / "test_metrics.json",
+                              base + seed + (gain if k == 1 else 0.0))
+        files[source]["mnist"] = [finetune_accuracies(tmp_path / source / "mnist_k{k}" / f"s{seed}" /
+                                                      "test_metrics.json", [1, 10, "full"]) for seed in range(3)]
+    table = transfer_table(files, compare=[("lbgen", "txt2img")])
+    assert [r["k_shot"] for r in table["rows"] if r["source"] == "lbgen"] == [1, 10, "full"]
+    diff = {(r["set"], r["k_shot"]): r["mean"] for r in table["differences"]}
+    assert diff[("average", 1)] == pytest.approx(3.0) and diff[("average", "full")] == pytest.approx(0.0)
+    text = transfer_markdown(table)
+    assert "| pre-trained on | mnist 1-shot | mnist 10-shot | mnist full |" in text
+    with pytest.raises(FileNotFoundError, match="fine-tune stage"):
+        finetune_accuracies(tmp_path / "lbgen" / "mnist_k{k}" / "s0" / "test_metrics.json", [5])
+    with pytest.raises(ValueError, match="'full'"):
+        finetune_accuracies(tmp_path / "lbgen" / "mnist_k{k}" / "s0" / "test_metrics.json", ["all"])
+
+
+def test_report_transfer_section_has_a_finetune_table_and_plot(tmp_path):
+    from lbgen.evaluation.report import write_report
+
+    finetune = {"files": "ft/{source}/{set}_k{k}/s{seed}/test_metrics.json", "shots": [1, "full"]}
+    spec = {"files": "probe/{source}_s{seed}_{set}.json", "sources": ["lbgen", "txt2img"], "seeds": [0, 1],
+            "sets": ["mnist"], "validation_set": "digits", "compare": [["lbgen", "txt2img"]], "finetune": finetune}
+    (tmp_path / "probe").mkdir()
+    for source in ("lbgen", "txt2img"):
+        for seed in (0, 1):
+            for d in ("mnist", "digits"):
+                _fewshot_file(tmp_path / "probe" / f"{source}_s{seed}_{d}.json", {1: [50 + seed], "full": [80 + seed]})
+    text = write_report({"transfer": spec}, tmp_path).read_text()
+    assert "### Full fine-tune" in text and "Not complete: 16 results missing" in text  # 2 sources, seeds, sets, k
+    assert "| lbgen - txt2img | +0.00 ± 0.00 | +0.00 ± 0.00 |" in text  # the probe's 1-shot and full columns
+    for source, gain in (("lbgen", 2.0), ("txt2img", 0.0)):
+        for seed in (0, 1):
+            for d in ("mnist", "digits"):
+                for k in (1, "full"):
+                    _metrics_file(tmp_path / "ft" / source / f"{d}_k{k}" / f"s{seed}" / "test_metrics.json",
+                                  60 + seed + gain)
+    text = write_report({"transfer": spec}, tmp_path).read_text()
+    finetune_part = text[text.index("### Full fine-tune"):]
+    assert "Validation downstream set** (digits" in finetune_part
+    assert "| lbgen - txt2img | +2.00 ± 0.00" in finetune_part
+    assert (tmp_path / "report_transfer.png").is_file() and (tmp_path / "report_finetune.png").is_file()
+
+
+def test_linear_probe_on_the_whole_training_pool(tmp_path):
+    import lightning as L
+
+    from lbgen.components import TimmBackbone
+    from lbgen.datamodules import EpisodeDataModule
+    from lbgen.models import FewShotSystem
+
+    def probe(train_pool: bool, full_data: bool):
+        data = EpisodeDataModule(PackagedImageDataModule("faces", image_size=16, eval_batch_size=64),
+                                 train_pool=train_pool)
+        torch.manual_seed(0)  # the same random backbone every time
+        system = FewShotSystem(TimmBackbone("test_resnet"), str(tmp_path / "probe.json"), n_way=None, k_shots=[1],
+                               n_query=5, episodes=3, full_data=full_data)
+        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False)
+        trainer.predict(system, datamodule=data, return_predictions=False)
+        return json.loads((tmp_path / "probe.json").read_text())
+
+    record = probe(train_pool=True, full_data=True)
+    full = record["results"][-1]
+    assert full["k_shot"] == "full" and full["train_images"] == 140 and len(full["accuracies"]) == 1
+    assert 0 <= full["mean"] <= 100 and full["ci95"] > 0
+    accuracies = episode_accuracies(tmp_path / "probe.json")
+    assert list(accuracies) == [1, "full"] and len(accuracies[1]) == 3
+    assert "full: the classifier fitted on all 140" in (tmp_path / "probe.md").read_text()
+    # the episodes are the same with or without the pool loader
+    assert probe(train_pool=True, full_data=False)["results"][0] == record["results"][0]
+    with pytest.raises(ValueError, match="train_pool"):
+        probe(train_pool=False, full_data=True)
+    with pytest.raises(ValueError, match="predict_split"):
+        EpisodeDataModule(PackagedImageDataModule("faces", image_size=16, predict_split="train"), train_pool=True)

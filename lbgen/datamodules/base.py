@@ -319,6 +319,14 @@ class ImageClassificationDataModule(L.LightningDataModule):
         transform = self.train_transform(stored is not None) if train else self.evaluation_transform(stored is not None)
         return ClassificationDataset(source, positions, labels, transform)
 
+    def evaluation_dataset(self, split: Literal["train", "val"]) -> ClassificationDataset:
+        """The images of a split of the pool under the evaluation transform (no augmentation): what predictions
+        and feature extraction read (e.g. a linear probe fitted on the whole training split)."""
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}.")
+        images, labels = self.pool
+        return self._dataset(images, getattr(self.split, split), labels, train=False)
+
     # --- Lightning hooks --------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         split = self.split
@@ -328,7 +336,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         if stage == "fit" and self.train_dataset is None:
             self.train_dataset = self._dataset(images, split.train, labels, train=True)
         if stage == "predict" and self.predict_split != "test" and self.predict_dataset is None:
-            self.predict_dataset = self._dataset(images, getattr(split, self.predict_split), labels, train=False)
+            self.predict_dataset = self.evaluation_dataset(self.predict_split)
         if (stage == "test" or (stage == "predict" and self.predict_split == "test")) and self.test_dataset is None:
             test_images, test_labels = self.load_test()
             self.test_dataset = self._dataset(test_images, np.arange(len(test_labels)), test_labels, train=False)

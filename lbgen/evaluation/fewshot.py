@@ -116,3 +116,20 @@ def evaluate_episodes(features: np.ndarray, labels: np.ndarray, episodes: list[E
         accuracies.append(100.0 * float((model.predict(features[episode.query]) == labels[episode.query]).mean()))
     mean, half = mean_ci(accuracies)
     return {"mean": mean, "ci95": half, "episodes": len(episodes), "accuracies": accuracies}
+
+
+def evaluate_full(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
+                  test_labels: np.ndarray, classifier: Classifier = "logistic", c: float = 1.0) -> dict[str, float]:
+    """A linear probe on all the labelled data: the classifier fitted on every training feature, scored on every
+    test image (the "full data" end of a k-shot curve).
+
+    Returns:
+        ``{"mean": accuracy %, "ci95": the binomial half-width % over test images, "train_images": n}``.
+    """
+    if len(np.unique(train_labels)) < 2:
+        raise ValueError(f"A linear probe needs training images of at least two classes, got "
+                         f"{len(train_labels)} images of classes {np.unique(train_labels).tolist()}.")
+    model = _fit(classifier, train_features, train_labels, c)
+    p = float((model.predict(test_features) == test_labels).mean())
+    half = 1.959964 * np.sqrt(p * (1 - p) / len(test_labels))
+    return {"mean": 100.0 * p, "ci95": 100.0 * float(half), "train_images": int(len(train_labels))}

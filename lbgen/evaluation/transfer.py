@@ -1,11 +1,18 @@
-"""The transfer study's table: backbones pre-trained on different data, probed on several downstream sets.
+"""The transfer study's table: backbones pre-trained on different data, transferred to several downstream sets.
 
-Input: for each pre-training source (``real``, ``txt2img``, an lbGen variant, ...) and each pre-training seed, one
-``FewShotSystem`` result file per downstream set (``lbgen predict -c configs/evaluate/fewshot_episodes.yaml``). The
-episodes of a downstream set are seeded, so every backbone is scored on the same support / query draws: two sources
-are compared **paired**, seed by seed (the seed-``s`` backbone of A against the seed-``s`` backbone of B, on the same
-episodes). An accuracy is the mean over episodes; the interval is Student's t over pre-training seeds (over episodes
-when there is one seed only, which then says nothing about pre-training randomness: the table says which).
+Two protocols, tabled the same way:
+
+- **linear probe**: for each pre-training source (``real``, ``txt2img``, an lbGen variant, ...) and each pre-training
+  seed, one ``FewShotSystem`` result file per downstream set (``lbgen predict -c configs/evaluate/fewshot_episodes.yaml
+  -c configs/evaluate/transfer_probe.yaml``): seeded k-shot episodes, and with ``full_data`` a ``full`` row (the
+  probe fitted on the whole training split). Every backbone is scored on the same support / query draws.
+- **full fine-tune**: one ``ClassifierSystem`` run (its ``test_metrics.json``) per source, seed, set and k (an int,
+  or ``full``), the split seed equal to the pre-training seed (``finetune_accuracies``).
+
+Two sources are compared **paired**, seed by seed (the seed-``s`` backbone of A against the seed-``s`` backbone of B,
+on the same episodes or split). An accuracy is the mean over episodes (one value for a fine-tune run); the interval is
+Student's t over pre-training seeds (over episodes when there is one seed only, which then says nothing about
+pre-training randomness: the table says which).
 """
 
 from __future__ import annotations
@@ -18,9 +25,33 @@ import numpy as np
 
 from lbgen.evaluation.fewshot import mean_ci
 
+Shots = int | str
+"""A column's labelled images per class: k, or ``"full"`` (the whole training split)."""
+Accuracies = dict[Shots, np.ndarray]
+"""Accuracies (%) by shots of one backbone on one downstream set: per episode (probe) or one value (fine-tune)."""
 
-def episode_accuracies(path: str | Path) -> dict[int, np.ndarray]:
-    """Per-episode accuracies (%) by k-shot of one ``FewShotSystem`` file (rows without synthetic support)."""
+
+def shot_order(k: Shots) -> tuple[bool, int]:
+    """Sort key of shots: 1, 5, 10, ..., then ``full``."""
+    return (k == "full", k if isinstance(k, int) else 0)
+
+
+def shot_label(k: Shots) -> str:
+    """A column's name: ``5-shot``, or ``full``."""
+    return "full" if k == "full" else f"{k}-shot"
+
+
+def _shots(value: Any) -> Shots:
+    if value == "full":
+        return "full"
+    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value or value < 1:
+        raise ValueError(f"Shots are a number of labelled images per class (>= 1) or 'full', got {value!r}.")
+    return int(value)
+
+
+def episode_accuracies(path: str | Path) -> Accuracies:
+    """Per-episode accuracies (%) by k-shot of one ``FewShotSystem`` file (rows without synthetic support); its
+    ``full`` row (``full_data``) is one value."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Few-shot result {path} does not exist: run its episodes stage first.")
@@ -31,7 +62,19 @@ def episode_accuracies(path: str | Path) -> dict[int, np.ndarray]:
             if "accuracies" not in row:
                 raise ValueError(f"{path} has no per-episode accuracies (written by an older lbgen): run its "
                                  "episodes stage again.")
-            out[int(row["k_shot"])] = np.asarray(row["accuracies"], dtype=float)
+            out[_shots(row["k_shot"])] = np.asarray(row["accuracies"], dtype=float)
+    return out
+
+
+def finetune_accuracies(pattern: str | Path, shots: list[Shots]) -> Accuracies:
+    """Test accuracy (%) by shots of fine-tune runs: ``pattern`` (a ``test_metrics.json`` path with ``{k}``) for
+    every k of ``shots``."""
+    out = {}
+    for k in map(_shots, shots):
+        path = Path(str(pattern).format(k=k))
+        if not path.is_file():
+            raise FileNotFoundError(f"Fine-tune result {path} does not exist: run its fine-tune stage first.")
+        out[k] = np.asarray([100.0 * float(json.loads(path.read_text())["acc"])])
     return out
 
 
@@ -45,13 +88,14 @@ def _interval(values: list[float] | np.ndarray, episodes: np.ndarray | None = No
     return mean, half, "episodes"
 
 
-def transfer_table(results: dict[str, dict[str, list[str | Path]]], compare: list[tuple[str, str]] | None = None
-                   ) -> dict[str, Any]:
+def transfer_table(results: dict[str, dict[str, list[str | Path | Accuracies]]],
+                   compare: list[tuple[str, str]] | None = None) -> dict[str, Any]:
     """Means and intervals per source, downstream set and k; the transfer average over sets; paired differences.
 
     Args:
-        results: ``{source: {downstream set: [result file of pre-training seed 0, seed 1, ...]}}``; every source
-            must have the same sets and the same number of seeds (pairs are made by position).
+        results: ``{source: {downstream set: [pre-training seed 0, seed 1, ...]}}``, each a ``FewShotSystem`` result
+            file or its ``Accuracies`` (e.g. ``finetune_accuracies``); every source must have the same sets and the
+            same number of seeds (pairs are made by position).
         compare: ``(a, b)`` source pairs whose paired difference ``a - b`` is reported (default: none).
 
     Returns:
@@ -71,8 +115,10 @@ def transfer_table(results: dict[str, dict[str, list[str | Path]]], compare: lis
             raise ValueError(f"Source {source!r} has another number of pre-training seeds than {sources[0]!r}: "
                              "pairs are made seed by seed.")
     # acc[source][set][k] = [episode accuracies of seed 0, seed 1, ...]
-    acc = {s: {d: [episode_accuracies(f) for f in results[s][d]] for d in sets} for s in sources}
-    shots = sorted(set.intersection(*(set(seed) for s in sources for d in sets for seed in acc[s][d])))
+    acc = {s: {d: [f if isinstance(f, dict) else episode_accuracies(f) for f in results[s][d]] for d in sets}
+           for s in sources}
+    shots = sorted(set.intersection(*(set(seed) for s in sources for d in sets for seed in acc[s][d])),
+                   key=shot_order)
     rows, average, differences = [], [], []
     for s in sources:
         for k in shots:
@@ -107,13 +153,13 @@ def transfer_markdown(table: dict[str, Any]) -> str:
         cells[(row["source"], row["set"], row["k_shot"])] = f"{row['mean']:.2f} ± {row['ci95']:.2f}"
     sources = list(dict.fromkeys(r["source"] for r in table["rows"]))
     sets = list(dict.fromkeys(r["set"] for r in table["rows"])) + ["average"]
-    shots = sorted({r["k_shot"] for r in table["rows"]})
+    shots = sorted({r["k_shot"] for r in table["rows"]}, key=shot_order)
     columns = [(d, k) for d in sets for k in shots]
-    lines = ["| pre-trained on | " + " | ".join(f"{d} {k}-shot" for d, k in columns) + " |",
+    lines = ["| pre-trained on | " + " | ".join(f"{d} {shot_label(k)}" for d, k in columns) + " |",
              "|---|" + "---:|" * len(columns)]
     lines += [f"| {s} | " + " | ".join(cells.get((s, d, k), "-") for d, k in columns) + " |" for s in sources]
     if table["differences"]:
-        lines += ["", "| paired difference | " + " | ".join(f"{d} {k}-shot" for d, k in columns) + " |",
+        lines += ["", "| paired difference | " + " | ".join(f"{d} {shot_label(k)}" for d, k in columns) + " |",
                   "|---|" + "---:|" * len(columns)]
         diffs: dict[tuple[str, str, str, int], str] = {
             (r["a"], r["b"], r["set"], r["k_shot"]): f"{r['mean']:+.2f} ± {r['ci95']:.2f}"
@@ -122,47 +168,72 @@ def transfer_markdown(table: dict[str, Any]) -> str:
         lines += [f"| {a} - {b} | " + " | ".join(diffs.get((a, b, d, k), "-") for d, k in columns) + " |"
                   for a, b in pairs]
     over = sorted({r["over"] for r in table["rows"] + table["average"] + table["differences"]})
-    lines += ["", f"Mean over episodes, ± the 95% interval over {' / '.join(over)} (Student's t)."]
+    lines += ["", f"Mean over episodes (one value per fine-tune run), ± the 95% interval over {' / '.join(over)} "
+              "(Student's t)."]
     return "\n".join(lines) + "\n"
 
 
 def transfer_section(spec: dict[str, Any], workdir: str | Path, stem: str, plot: Any | None = None) -> list[str]:
     """The report's transfer-study section (experiment report key ``transfer``).
 
-    ``spec``: ``files`` (a pattern with ``{source}``, ``{seed}`` and ``{set}``), ``sources``, ``seeds``, ``sets`` (the
-    table's downstream sets), ``validation_set`` (probed like the others, used to choose a variant, kept out of the
-    table and its average), ``compare`` (``[a, b]`` pairs). ``plot``: the report's plotting function (the paired
-    difference vs labels per class, lbGen's Fig. 3 shape), written to ``<stem>_transfer.png``.
+    ``spec``: ``files`` (the linear probe's ``FewShotSystem`` files: a pattern with ``{source}``, ``{seed}`` and
+    ``{set}``), ``sources``, ``seeds``, ``sets`` (the table's downstream sets), ``validation_set`` (transferred like the
+    others, used to choose a variant, kept out of the table and its average), ``compare`` (``[a, b]`` pairs), and
+    optionally ``finetune``: ``{files: a test_metrics.json pattern with {source}, {seed}, {set} and {k}, shots: [1, 5,
+    10, full]}``, the full fine-tune's table. ``plot``: the report's plotting function (the paired difference vs
+    labels per class, lbGen's Fig. 3 shape), written to ``<stem>_transfer.png`` (and ``<stem>_finetune.png``).
     """
     workdir = Path(workdir)
+    all_sets = [*spec["sets"], *([spec["validation_set"]] if spec.get("validation_set") else [])]
+    compare = [tuple(pair) for pair in spec.get("compare") or []]
 
-    def files(source: str, sets: list[str]) -> dict[str, list[Path]]:
+    def probe(source: str, sets: list[str]) -> dict[str, list[Path]]:
         return {d: [workdir / spec["files"].format(source=source, seed=seed, set=d) for seed in spec["seeds"]]
                 for d in sets}
 
+    finetune = spec.get("finetune")
+    shots = [_shots(k) for k in (finetune or {}).get("shots", [])]
+
+    def tuned(source: str, sets: list[str]) -> dict[str, list[Accuracies]]:
+        return {d: [finetune_accuracies(workdir / finetune["files"].format(source=source, seed=seed, set=d, k="{k}"),
+                                        shots) for seed in spec["seeds"]] for d in sets}
+
+    protocols = [("Linear probe", "linear probe (logistic regression on the frozen backbone's L2-normalised "
+                  "features) with k labelled images per class of every class, the same seeded episodes for every "
+                  "backbone (full: fitted on the whole training split, scored on the whole test split)",
+                  probe, [workdir / spec["files"].format(source=s, seed=seed, set=d) for s in spec["sources"]
+                          for d in all_sets for seed in spec["seeds"]], "transfer")]
+    if finetune:
+        protocols.append(("Full fine-tune", "every weight trained (the recipe of the experiment's fine-tune stages) "
+                          "on k labelled images per class (full: the whole training split), split seed = "
+                          "pre-training seed, the final weights tested",
+                          tuned, [workdir / finetune["files"].format(source=s, seed=seed, set=d, k=k)
+                                  for s in spec["sources"] for d in all_sets for seed in spec["seeds"] for k in shots],
+                          "finetune"))
     lines = ["## Transfer study", "",
-             "Frozen backbones pre-trained on each source, linear probe (logistic regression) with k labelled images "
-             "per class of every class, the same seeded episodes for every backbone; accuracy % on each downstream "
-             "set's fixed test split.", ""]
-    missing = [str(p.relative_to(workdir)) for s in spec["sources"]
-               for group in files(s, [*spec["sets"], *([spec["validation_set"]] if spec.get("validation_set") else [])
-                                      ]).values() for p in group if not p.is_file()]
-    if missing:
-        return lines + [f"Not complete: {len(missing)} probe results missing (e.g. {missing[0]}).", ""]
-    compare = [tuple(pair) for pair in spec.get("compare") or []]
-    if spec.get("validation_set"):
-        validation = transfer_table({s: files(s, [spec["validation_set"]]) for s in spec["sources"]})
-        lines += [f"**Validation downstream set** ({spec['validation_set']}; chooses the variant, not in the table "
-                  "below):", "", transfer_markdown(validation)]
-    table = transfer_table({s: files(s, list(spec["sets"])) for s in spec["sources"]}, compare)
-    lines += ["**Downstream sets**", "", transfer_markdown(table)]
-    if plot is not None and compare:
-        series = {}
-        for a, b in compare:
-            rows = [r for r in table["differences"] if (r["a"], r["b"]) == (a, b) and r["set"] == "average"]
-            rows.sort(key=lambda r: r["k_shot"])
-            series[f"{a} - {b}"] = ([r["k_shot"] for r in rows], [r["mean"] for r in rows], [r["ci95"] for r in rows])
-        path = plot(workdir / f"{stem}_transfer.png", series, "labelled images per class (k)",
-                    "paired difference, transfer average (points)", "Transfer: gain vs labels")
-        lines += [f"![transfer]({path.name})", ""]
+             "Backbones pre-trained on each source, transferred to downstream sets that are not the pre-training "
+             "data; accuracy % on each downstream set's fixed test split.", ""]
+    for title, how, results, expected, suffix in protocols:
+        lines += [f"### {title}", "", f"{title}: {how}.", ""]
+        missing = [str(p.relative_to(workdir)) for p in expected if not p.is_file()]
+        if missing:
+            lines += [f"Not complete: {len(missing)} results missing (e.g. {missing[0]}).", ""]
+            continue
+        if spec.get("validation_set"):
+            validation = transfer_table({s: results(s, [spec["validation_set"]]) for s in spec["sources"]})
+            lines += [f"**Validation downstream set** ({spec['validation_set']}; chooses the variant, not in the "
+                      "table below):", "", transfer_markdown(validation)]
+        table = transfer_table({s: results(s, list(spec["sets"])) for s in spec["sources"]}, compare)
+        lines += ["**Downstream sets**", "", transfer_markdown(table)]
+        if plot is not None and compare:
+            series = {}
+            for a, b in compare:
+                rows = [r for r in table["differences"] if (r["a"], r["b"]) == (a, b) and r["set"] == "average"]
+                rows.sort(key=lambda r: shot_order(r["k_shot"]))
+                # categorical x: "full" sits after the largest k
+                series[f"{a} - {b}"] = ([str(r["k_shot"]) for r in rows], [r["mean"] for r in rows],
+                                        [r["ci95"] for r in rows])
+            path = plot(workdir / f"{stem}_{suffix}.png", series, "labelled images per class (k)",
+                        "paired difference, transfer average (points)", f"{title}: gain vs labels")
+            lines += [f"![{suffix}]({path.name})", ""]
     return lines

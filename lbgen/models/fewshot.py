@@ -18,7 +18,7 @@ from torch import nn
 
 from lbgen.datamodules.episodes import EpisodeDataModule
 from lbgen.distributed import gather_lists
-from lbgen.evaluation.fewshot import Classifier, evaluate_episodes, sample_episodes
+from lbgen.evaluation.fewshot import Classifier, evaluate_episodes, evaluate_full, sample_episodes
 from lbgen.storage.files import atomic_write
 
 
@@ -38,11 +38,13 @@ class FewShotSystem(L.LightningModule):
         c: the inverse regularisation strength of the classifier.
         synthetic_per_class: numbers of synthetic images per episode class added to the support set.
         seed: seeds the episodes and the synthetic draws.
+        full_data: also fit the classifier on every image of the real training split (``EpisodeDataModule`` with
+            ``train_pool: true``) and score it on every evaluation image: a row with ``k_shot: "full"``.
     """
 
     def __init__(self, backbone: nn.Module, output: str, n_way: int | None = 5, k_shots: list[int] | None = None,
                  n_query: int = 15, episodes: int = 600, classifier: Classifier = "logistic", c: float = 1.0,
-                 synthetic_per_class: list[int] | None = None, seed: int = 0) -> None:
+                 synthetic_per_class: list[int] | None = None, seed: int = 0, full_data: bool = False) -> None:
         super().__init__()
         if classifier not in ("logistic", "svm"):
             raise ValueError(f"classifier must be 'logistic' or 'svm', got {classifier!r}.")
@@ -53,7 +55,7 @@ class FewShotSystem(L.LightningModule):
                              f"{self.synthetic_per_class}.")
         self.backbone, self.output = backbone.requires_grad_(False).eval(), Path(output)
         self.n_way, self.n_query, self.episodes = n_way, n_query, episodes
-        self.classifier, self.c, self.seed = classifier, c, seed
+        self.classifier, self.c, self.seed, self.full_data = classifier, c, seed, full_data
         self._parts: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
 
     def on_predict_start(self) -> None:
@@ -63,6 +65,9 @@ class FewShotSystem(L.LightningModule):
         if max(self.synthetic_per_class) > 0 and self.trainer.datamodule.synthetic is None:
             raise ValueError(f"synthetic_per_class {self.synthetic_per_class} needs a synthetic dataset: set "
                              "data.init_args.synthetic (an EpisodeDataModule), or synthetic_per_class: [0].")
+        if self.full_data and "pool" not in self.trainer.datamodule.loader_names:
+            raise ValueError("full_data fits the probe on the real training split: set data.init_args.train_pool "
+                             "true (EpisodeDataModule), or full_data false.")
         self._parts = {}
 
     @torch.no_grad()
@@ -78,16 +83,17 @@ class FewShotSystem(L.LightningModule):
         return torch.cat([p[1] for p in parts])[order].numpy(), torch.cat([p[2] for p in parts])[order].numpy()
 
     def on_predict_epoch_end(self) -> None:
+        names = self.trainer.datamodule.loader_names
         features, labels = self._gathered(0)
-        has_synthetic = self.trainer.datamodule.synthetic is not None
-        synthetic = self._gathered(1) if has_synthetic else (None, None)
+        synthetic = self._gathered(names.index("synthetic")) if "synthetic" in names else (None, None)
+        pool = self._gathered(names.index("pool")) if self.full_data else None
         if self.trainer.is_global_zero:
-            self._write(features, labels, *synthetic)
+            self._write(features, labels, *synthetic, pool)
         self.trainer.strategy.barrier()
 
     def _write(self, features: np.ndarray, labels: np.ndarray, syn_features: np.ndarray | None,
-               syn_labels: np.ndarray | None) -> None:
-        rows = []
+               syn_labels: np.ndarray | None, pool: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        rows: list[dict[str, Any]] = []
         n_way = self.n_way or len(self.trainer.datamodule.class_names)
         for k in self.k_shots:
             episodes = sample_episodes(labels, n_way, k, self.n_query, self.episodes, seed=self.seed + k)
@@ -101,14 +107,25 @@ class FewShotSystem(L.LightningModule):
                              "accuracies": [round(float(a), 3) for a in result["accuracies"]]})
                 rank_zero_info(f"{n_way}-way {k}-shot + {n_syn} synthetic: {result['mean']:.2f} "
                                f"± {result['ci95']:.2f} %")
+        if pool is not None:
+            full = evaluate_full(*pool, features, labels, self.classifier, self.c)
+            # one "episode": the whole training split against the whole evaluation set
+            rows.append({"k_shot": "full", "synthetic_per_class": 0, "mean": round(full["mean"], 3),
+                         "ci95": round(full["ci95"], 3), "episodes": 1, "train_images": full["train_images"],
+                         "accuracies": [round(full["mean"], 3)]})
+            rank_zero_info(f"All classes, all {full['train_images']} training images: {full['mean']:.2f} "
+                           f"± {full['ci95']:.2f} %")
         data = self.trainer.datamodule
         record = {"n_way": n_way, "n_query": self.n_query, "classifier": self.classifier, "c": self.c,
                   "seed": self.seed, "real_images": int(len(labels)),
                   "synthetic": data.synthetic.dataset_name if data.synthetic is not None else None, "results": rows}
         self.output.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(self.output, json.dumps(record, indent=1).encode())
+        full_note = ("" if pool is None else f"\nfull: the classifier fitted on all {len(pool[1])} training images, "
+                     "scored on every evaluation image (binomial interval over them).\n")
         table = ["| k-shot | + synthetic per class | accuracy % (95% CI) |", "|---:|---:|---:|"]
         table += [f"| {r['k_shot']} | {r['synthetic_per_class']} | {r['mean']:.2f} ± {r['ci95']:.2f} |" for r in rows]
         atomic_write(self.output.with_suffix(".md"), (
                       f"{n_way}-way episodes ({self.episodes}, {self.n_query} queries per class, "
-                      f"{self.classifier}) on {int(len(labels))} real images\n\n" + "\n".join(table) + "\n").encode())
+                      f"{self.classifier}) on {int(len(labels))} real images\n\n" + "\n".join(table) + "\n" + full_note
+                      ).encode())
