@@ -166,18 +166,24 @@ def test_finetune_runs_table_by_shots_with_full_data_last(tmp_path):
             for k, base in (("full", 90.0), (10, 70.0), (1, 40.0)):
                 _metrics_file(tmp_path / source / f"mnist_k{k}" / f"s{seed}" / "test_metrics.json",
                               base + seed + (gain if k == 1 else 0.0))
-        files[source]["mnist"] = [finetune_accuracies(tmp_path / source / "mnist_k{k}" / f"s{seed}" /
-                                                      "test_metrics.json", [1, 10, "full"]) for seed in range(3)]
+        files[source]["mnist"] = [finetune_accuracies({k: tmp_path / source / f"mnist_k{k}" / f"s{seed}" /
+                                                       "test_metrics.json" for k in (1, 10, "full")})
+                                  for seed in range(3)]
     table = transfer_table(files, compare=[("lbgen", "txt2img")])
     assert [r["k_shot"] for r in table["rows"] if r["source"] == "lbgen"] == [1, 10, "full"]
     diff = {(r["set"], r["k_shot"]): r["mean"] for r in table["differences"]}
     assert diff[("average", 1)] == pytest.approx(3.0) and diff[("average", "full")] == pytest.approx(0.0)
     text = transfer_markdown(table)
     assert "| pre-trained on | mnist 1-shot | mnist 10-shot | mnist full |" in text
+    average = {(r["source"], r["k_shot"]): r["mean"] for r in table["average"]}
+    assert average[("txt2img", 10)] == pytest.approx(71.0) and average[("txt2img", "full")] == pytest.approx(91.0)
     with pytest.raises(FileNotFoundError, match="fine-tune stage"):
-        finetune_accuracies(tmp_path / "lbgen" / "mnist_k{k}" / "s0" / "test_metrics.json", [5])
+        finetune_accuracies({5: tmp_path / "lbgen" / "mnist_k5" / "s0" / "test_metrics.json"})
     with pytest.raises(ValueError, match="'full'"):
-        finetune_accuracies(tmp_path / "lbgen" / "mnist_k{k}" / "s0" / "test_metrics.json", ["all"])
+        finetune_accuracies({"all": tmp_path / "lbgen" / "mnist_kfull" / "s0" / "test_metrics.json"})
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(ValueError, match="no test accuracy"):
+        finetune_accuracies({1: tmp_path / "other.json"})
 
 
 def test_report_transfer_section_has_a_finetune_table_and_plot(tmp_path):
@@ -197,13 +203,24 @@ def test_report_transfer_section_has_a_finetune_table_and_plot(tmp_path):
     for source, gain in (("lbgen", 2.0), ("txt2img", 0.0)):
         for seed in (0, 1):
             for d in ("mnist", "digits"):
-                for k in (1, "full"):
+                for k, base in ((1, 60.0), ("full", 90.0)):
                     _metrics_file(tmp_path / "ft" / source / f"{d}_k{k}" / f"s{seed}" / "test_metrics.json",
-                                  60 + seed + gain)
+                                  base + seed + (gain if k == 1 else 0.0))
     text = write_report({"transfer": spec}, tmp_path).read_text()
     finetune_part = text[text.index("### Full fine-tune"):]
     assert "Validation downstream set** (digits" in finetune_part
-    assert "| lbgen - txt2img | +2.00 ± 0.00" in finetune_part
+    assert "| lbgen - txt2img | +2.00 ± 0.00 | +0.00 ± 0.00 |" in finetune_part
+    assert "| txt2img | 60.50 ± 6.35 | 90.50 ± 6.35 |" in finetune_part  # 1-shot, then full
+    assert "One test accuracy per run" in finetune_part
+    # probe files written before full_data: the column is left out, and the report says so
+    for source in ("lbgen", "txt2img"):
+        _fewshot_file(tmp_path / "probe" / f"{source}_s0_mnist.json", {1: [50.0]})
+    text = write_report({"transfer": spec}, tmp_path).read_text()
+    assert "Left out: full (missing from 2 result files" in text
+    with pytest.raises(ValueError, match="no \\{k\\}"):
+        write_report({"transfer": {**spec, "finetune": {"files": "ft/x.json", "shots": [1]}}}, tmp_path)
+    with pytest.raises(ValueError, match="keys files, shots"):
+        write_report({"transfer": {**spec, "finetune": {"files": "ft/{k}.json"}}}, tmp_path)
     assert (tmp_path / "report_transfer.png").is_file() and (tmp_path / "report_finetune.png").is_file()
 
 
@@ -231,10 +248,13 @@ def test_linear_probe_on_the_whole_training_pool(tmp_path):
     assert 0 <= full["mean"] <= 100 and full["ci95"] > 0
     accuracies = episode_accuracies(tmp_path / "probe.json")
     assert list(accuracies) == [1, "full"] and len(accuracies[1]) == 3
-    assert "full: the classifier fitted on all 140" in (tmp_path / "probe.md").read_text()
-    # the episodes are the same with or without the pool loader
-    assert probe(train_pool=True, full_data=False)["results"][0] == record["results"][0]
+    assert "full: the classifier fitted on all 140 training images of every class" in (tmp_path / "probe.md").read_text()
+    # the episodes are the same without the pool loader
+    assert probe(train_pool=False, full_data=False)["results"] == record["results"][:1]
+    assert full["n_way"] == 2
     with pytest.raises(ValueError, match="train_pool"):
         probe(train_pool=False, full_data=True)
     with pytest.raises(ValueError, match="predict_split"):
         EpisodeDataModule(PackagedImageDataModule("faces", image_size=16, predict_split="train"), train_pool=True)
+    with pytest.raises(ValueError, match="'shots': 5"):
+        EpisodeDataModule(PackagedImageDataModule("faces", image_size=16, shots=5), train_pool=True)

@@ -19,8 +19,9 @@ class EpisodeDataModule(L.LightningDataModule):
         real: where episodes draw support and query images from.
         synthetic: a generated dataset with the same classes (every image is read; its ``predict_split`` is set to
             ``train``, the only split it has).
-        train_pool: also read ``real``'s training split (its split options: ``shots: null`` is the whole pool,
-            without ``val_per_class``), without augmentation, as one more predict loader named ``pool``.
+        train_pool: also read ``real``'s whole training pool (its split options left unset: no ``shots``,
+            ``max_per_class``, ``imbalance_factor`` or ``val_per_class``), without augmentation, as one more predict
+            loader named ``pool``.
     """
 
     def __init__(self, real: ImageClassificationDataModule, synthetic: SyntheticDataModule | None = None,
@@ -33,6 +34,14 @@ class EpisodeDataModule(L.LightningDataModule):
         if train_pool and real.predict_split != "test":
             raise ValueError(f"train_pool reads the real training split for the probe and the episodes read the "
                              f"test set; real.predict_split is {real.predict_split!r}: set it to 'test'.")
+        if train_pool:
+            subset = {name: value for name, value in (("shots", real.shots), ("max_per_class", real.max_per_class),
+                                                      ("imbalance_factor", real.imbalance_factor),
+                                                      ("val_per_class", real.val_per_class or None))
+                      if value is not None}
+            if subset:
+                raise ValueError(f"train_pool reads the whole training pool (the probe's 'full' column), but real "
+                                 f"takes a part of it: {subset}; leave these unset on the real DataModule.")
         self.real, self.synthetic, self.train_pool = real, synthetic, train_pool
         self.pool_dataset: ClassificationDataset | None = None
 

@@ -35,6 +35,9 @@ Report spec (the ``report`` section of an experiment file; every path relative t
       sets: [mnist, faces, textures]
       validation_set: digits
       compare: [[lbgen, txt2img]]
+      finetune:          # optional: full fine-tunes, one test_metrics.json per source, seed, set and k
+        files: runs/transfer/finetune/{source}/{set}_k{k}/s{seed}/version_0/test_metrics.json
+        shots: [1, 5, 10, full]
 """
 
 from __future__ import annotations
@@ -121,8 +124,9 @@ def accuracy_table(rows: list[dict[str, Any]], baseline: str | None) -> str:
     return "\n".join(lines)
 
 
-def _plot(path: Path, series: dict[str, tuple[list[float], list[float], list[float]]], xlabel: str, ylabel: str,
-          title: str) -> Path:
+def _plot(path: Path, series: dict[str, tuple[list[float] | list[str], list[float], list[float]]], xlabel: str,
+          ylabel: str, title: str) -> Path:
+    """Error-bar curves; x values are numbers, or names (categories, drawn in the given order)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from lbgen.evaluation.fewshot import mean_ci
+from lbgen.evaluation.rows import check_row
 
 Shots = int | str
 """A column's labelled images per class: k, or ``"full"`` (the whole training split)."""
@@ -33,6 +34,7 @@ Accuracies = dict[Shots, np.ndarray]
 
 def shot_order(k: Shots) -> tuple[bool, int]:
     """Sort key of shots: 1, 5, 10, ..., then ``full``."""
+    k = _shots(k)
     return (k == "full", k if isinstance(k, int) else 0)
 
 
@@ -66,15 +68,19 @@ def episode_accuracies(path: str | Path) -> Accuracies:
     return out
 
 
-def finetune_accuracies(pattern: str | Path, shots: list[Shots]) -> Accuracies:
-    """Test accuracy (%) by shots of fine-tune runs: ``pattern`` (a ``test_metrics.json`` path with ``{k}``) for
-    every k of ``shots``."""
+def finetune_accuracies(files: dict[Shots, str | Path]) -> Accuracies:
+    """Test accuracy (%) by shots of fine-tune runs: ``files`` maps each k (or ``full``) to its run's
+    ``test_metrics.json``."""
     out = {}
-    for k in map(_shots, shots):
-        path = Path(str(pattern).format(k=k))
+    for k, path in files.items():
+        k, path = _shots(k), Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"Fine-tune result {path} does not exist: run its fine-tune stage first.")
-        out[k] = np.asarray([100.0 * float(json.loads(path.read_text())["acc"])])
+        metrics = json.loads(path.read_text())
+        if "acc" not in metrics:
+            raise ValueError(f"{path} has no test accuracy 'acc' (keys {sorted(metrics)}): is it a classifier's "
+                             "test_metrics.json?")
+        out[k] = np.asarray([100.0 * float(metrics["acc"])])
     return out
 
 
@@ -115,10 +121,12 @@ def transfer_table(results: dict[str, dict[str, list[str | Path | Accuracies]]],
             raise ValueError(f"Source {source!r} has another number of pre-training seeds than {sources[0]!r}: "
                              "pairs are made seed by seed.")
     # acc[source][set][k] = [episode accuracies of seed 0, seed 1, ...]
-    acc = {s: {d: [f if isinstance(f, dict) else episode_accuracies(f) for f in results[s][d]] for d in sets}
-           for s in sources}
-    shots = sorted(set.intersection(*(set(seed) for s in sources for d in sets for seed in acc[s][d])),
-                   key=shot_order)
+    acc = {s: {d: [{_shots(k): v for k, v in f.items()} if isinstance(f, dict) else episode_accuracies(f)
+                   for f in results[s][d]] for d in sets} for s in sources}
+    every = [set(seed) for s in sources for d in sets for seed in acc[s][d]]
+    shots = sorted(set.intersection(*every), key=shot_order)
+    # a column some results lack (probe files written before full_data) is left out, and the table says so
+    dropped = {k: sum(k not in e for e in every) for k in sorted(set.union(*every) - set(shots), key=shot_order)}
     rows, average, differences = [], [], []
     for s in sources:
         for k in shots:
@@ -143,11 +151,12 @@ def transfer_table(results: dict[str, dict[str, list[str | Path | Accuracies]]],
                 episode_diffs = np.mean([acc[a][c][0][k] - acc[b][c][0][k] for c in chosen], axis=0)
                 mean, half, over = _interval(seed_diffs, episode_diffs)
                 differences.append({"a": a, "b": b, "set": d, "k_shot": k, "mean": mean, "ci95": half, "over": over})
-    return {"rows": rows, "average": average, "differences": differences}
+    return {"rows": rows, "average": average, "differences": differences, "dropped": dropped}
 
 
-def transfer_markdown(table: dict[str, Any]) -> str:
-    """The table as Markdown: one row per source, one column per (set, k); then the paired differences."""
+def transfer_markdown(table: dict[str, Any], cell: str = "Mean over episodes (full: one value)") -> str:
+    """The table as Markdown: one row per source, one column per (set, k); then the paired differences. ``cell``:
+    what a cell's mean is over (the footnote's first words)."""
     cells: dict[tuple[str, str, int], str] = {}
     for row in table["rows"] + table["average"]:
         cells[(row["source"], row["set"], row["k_shot"])] = f"{row['mean']:.2f} ± {row['ci95']:.2f}"
@@ -168,8 +177,10 @@ def transfer_markdown(table: dict[str, Any]) -> str:
         lines += [f"| {a} - {b} | " + " | ".join(diffs.get((a, b, d, k), "-") for d, k in columns) + " |"
                   for a, b in pairs]
     over = sorted({r["over"] for r in table["rows"] + table["average"] + table["differences"]})
-    lines += ["", f"Mean over episodes (one value per fine-tune run), ± the 95% interval over {' / '.join(over)} "
-              "(Student's t)."]
+    lines += ["", f"{cell}, ± the 95% interval over {' / '.join(over)} (Student's t)."]
+    if table.get("dropped"):
+        lines += ["", "Left out: " + "; ".join(f"{shot_label(k)} (missing from {n} result files: rerun their stages)"
+                                               for k, n in table["dropped"].items()) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -191,30 +202,37 @@ def transfer_section(spec: dict[str, Any], workdir: str | Path, stem: str, plot:
         return {d: [workdir / spec["files"].format(source=source, seed=seed, set=d) for seed in spec["seeds"]]
                 for d in sets}
 
+    protocols = [("Linear probe", "logistic regression on the frozen backbone's L2-normalised features of k labelled "
+                  "images per class of every class, the same seeded episodes for every backbone (full: fitted on the "
+                  "whole training split, scored on the whole test split)", "Mean over episodes (full: one value)",
+                  probe, [p for s in spec["sources"] for group in probe(s, all_sets).values() for p in group],
+                  "transfer")]
     finetune = spec.get("finetune")
-    shots = [_shots(k) for k in (finetune or {}).get("shots", [])]
+    if finetune is not None:
+        check_row(finetune, {"files", "shots"}, "The transfer study's finetune spec")
+        if "{k}" not in finetune["files"]:
+            raise ValueError(f"The finetune files pattern {finetune['files']!r} has no {{k}}: every k would read the "
+                             "same run.")
+        if not finetune["shots"]:
+            raise ValueError("The transfer study's finetune spec needs shots, e.g. [1, 5, 10, full].")
+        shots = [_shots(k) for k in finetune["shots"]]
 
-    def tuned(source: str, sets: list[str]) -> dict[str, list[Accuracies]]:
-        return {d: [finetune_accuracies(workdir / finetune["files"].format(source=source, seed=seed, set=d, k="{k}"),
-                                        shots) for seed in spec["seeds"]] for d in sets}
+        def run_files(source: str, seed: Any, d: str) -> dict[Shots, Path]:
+            return {k: workdir / finetune["files"].format(source=source, seed=seed, set=d, k=k) for k in shots}
 
-    protocols = [("Linear probe", "linear probe (logistic regression on the frozen backbone's L2-normalised "
-                  "features) with k labelled images per class of every class, the same seeded episodes for every "
-                  "backbone (full: fitted on the whole training split, scored on the whole test split)",
-                  probe, [workdir / spec["files"].format(source=s, seed=seed, set=d) for s in spec["sources"]
-                          for d in all_sets for seed in spec["seeds"]], "transfer")]
-    if finetune:
-        protocols.append(("Full fine-tune", "every weight trained (the recipe of the experiment's fine-tune stages) "
-                          "on k labelled images per class (full: the whole training split), split seed = "
-                          "pre-training seed, the final weights tested",
-                          tuned, [workdir / finetune["files"].format(source=s, seed=seed, set=d, k=k)
-                                  for s in spec["sources"] for d in all_sets for seed in spec["seeds"] for k in shots],
-                          "finetune"))
+        def tuned(source: str, sets: list[str]) -> dict[str, list[Accuracies]]:
+            return {d: [finetune_accuracies(run_files(source, seed, d)) for seed in spec["seeds"]] for d in sets}
+
+        protocols.append(("Full fine-tune", "every weight trained (the experiment's fine-tune recipe) on k labelled "
+                          "images per class (full: the whole training split), split seed = pre-training seed, the "
+                          "final weights tested on the whole test split", "One test accuracy per run",
+                          tuned, [p for s in spec["sources"] for d in all_sets for seed in spec["seeds"]
+                                  for p in run_files(s, seed, d).values()], "finetune"))
     lines = ["## Transfer study", "",
              "Backbones pre-trained on each source, transferred to downstream sets that are not the pre-training "
              "data; accuracy % on each downstream set's fixed test split.", ""]
-    for title, how, results, expected, suffix in protocols:
-        lines += [f"### {title}", "", f"{title}: {how}.", ""]
+    for title, how, cell, results, expected, suffix in protocols:
+        lines += [f"### {title}", "", f"{how[0].upper()}{how[1:]}.", ""]
         missing = [str(p.relative_to(workdir)) for p in expected if not p.is_file()]
         if missing:
             lines += [f"Not complete: {len(missing)} results missing (e.g. {missing[0]}).", ""]
@@ -222,9 +240,9 @@ def transfer_section(spec: dict[str, Any], workdir: str | Path, stem: str, plot:
         if spec.get("validation_set"):
             validation = transfer_table({s: results(s, [spec["validation_set"]]) for s in spec["sources"]})
             lines += [f"**Validation downstream set** ({spec['validation_set']}; chooses the variant, not in the "
-                      "table below):", "", transfer_markdown(validation)]
+                      "table below):", "", transfer_markdown(validation, cell)]
         table = transfer_table({s: results(s, list(spec["sets"])) for s in spec["sources"]}, compare)
-        lines += ["**Downstream sets**", "", transfer_markdown(table)]
+        lines += ["**Downstream sets**", "", transfer_markdown(table, cell)]
         if plot is not None and compare:
             series = {}
             for a, b in compare:

@@ -110,7 +110,9 @@ class FewShotSystem(L.LightningModule):
         if pool is not None:
             full = evaluate_full(*pool, features, labels, self.classifier, self.c)
             # one "episode": the whole training split against the whole evaluation set
-            rows.append({"k_shot": "full", "synthetic_per_class": 0, "mean": round(full["mean"], 3),
+            # every class, whatever n_way the episodes use
+            rows.append({"k_shot": "full", "n_way": len(self.trainer.datamodule.class_names),
+                         "synthetic_per_class": 0, "mean": round(full["mean"], 3),
                          "ci95": round(full["ci95"], 3), "episodes": 1, "train_images": full["train_images"],
                          "accuracies": [round(full["mean"], 3)]})
             rank_zero_info(f"All classes, all {full['train_images']} training images: {full['mean']:.2f} "
@@ -121,8 +123,8 @@ class FewShotSystem(L.LightningModule):
                   "synthetic": data.synthetic.dataset_name if data.synthetic is not None else None, "results": rows}
         self.output.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(self.output, json.dumps(record, indent=1).encode())
-        full_note = ("" if pool is None else f"\nfull: the classifier fitted on all {len(pool[1])} training images, "
-                     "scored on every evaluation image (binomial interval over them).\n")
+        full_note = ("" if pool is None else f"\nfull: the classifier fitted on all {len(pool[1])} training images of "
+                     "every class, scored on every evaluation image (binomial interval over them).\n")
         table = ["| k-shot | + synthetic per class | accuracy % (95% CI) |", "|---:|---:|---:|"]
         table += [f"| {r['k_shot']} | {r['synthetic_per_class']} | {r['mean']:.2f} ± {r['ci95']:.2f} |" for r in rows]
         atomic_write(self.output.with_suffix(".md"), (
