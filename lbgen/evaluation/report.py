@@ -125,21 +125,25 @@ def accuracy_table(rows: list[dict[str, Any]], baseline: str | None) -> str:
 
 
 def _plot(path: Path, series: dict[str, tuple[list[float] | list[str], list[float], list[float]]], xlabel: str,
-          ylabel: str, title: str) -> Path:
-    """Error-bar curves; x values are numbers, or names (categories, drawn in the given order)."""
+          ylabel: str, title: str, styles: dict[str, dict[str, Any]] | None = None) -> Path:
+    """Error-bar curves; x values are numbers, or names (categories, drawn in the given order). ``styles``: matplotlib
+    line options per series (e.g. a colour per base size and a line style per data source)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    many = len(series) > 6  # the legend beside the axes: inside, it would hide the curves
+    fig, ax = plt.subplots(figsize=(7.8 if many else 5.5, 3.8), dpi=120)
     for label, (xs, ys, err) in series.items():
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label, **(styles or {}).get(label, {}))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if len(series) > 1:
+    if many:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    elif len(series) > 1:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
@@ -349,11 +353,16 @@ def exchange_rate_section(spec: dict[str, Any], workdir: Path, stem: str) -> lis
     per_image: dict[str, dict[float, list[float]]] = {}  # generator -> n_base -> worth / n_syn at the largest n_syn
     table = ["| n_base | data | images added per class | top-1 % | worth real images per class | per seed "
              "(mean ± 95% CI, seeds) |", "|---:|---|---:|---:|---:|---:|"]
-    for base in spec.get("bases") or []:
+    styles: dict[str, dict[str, Any]] = {}  # a colour per base size, a line style per data source
+    sources = ["real", *dict.fromkeys(name for base in spec.get("bases") or [] for name in base.get("synthetic") or {})]
+    dashes = ["-", "--", ":", "-."]
+    for index, base in enumerate(spec.get("bases") or []):
         n_base = float(base["n_base"])
         real_x, real_y, _ = _curve(workdir, base.get("real") or {})
+        colour = f"C{index % 10}"
         if real_x:
             series[f"real, n_base {n_base:g}"] = (real_x, real_y, [0.0] * len(real_x))
+            styles[f"real, n_base {n_base:g}"] = {"color": colour, "linestyle": "-"}
             table += [f"| {n_base:g} | real | {x:g} | {y:.2f} | {x:g} | - |"
                       for x, y in zip(real_x, real_y, strict=True)]
         for name, curve in (base.get("synthetic") or {}).items():
@@ -361,6 +370,8 @@ def exchange_rate_section(spec: dict[str, Any], workdir: Path, stem: str) -> lis
             if not syn_x:
                 continue
             series[f"{name}, n_base {n_base:g}"] = (syn_x, syn_y, [0.0] * len(syn_x))
+            styles[f"{name}, n_base {n_base:g}"] = {"color": colour,
+                                                    "linestyle": dashes[sources.index(name) % len(dashes)]}
             found = exchange_points(n_base, real_x, real_y, syn_x, syn_y) if len(real_x) > 1 else []
             worth = {p[2]: p[1] for p in found}
             seeded = _seed_worths(workdir, base.get("real") or {}, curve, n_base)
@@ -375,7 +386,7 @@ def exchange_rate_section(spec: dict[str, Any], workdir: Path, stem: str) -> lis
     if not series:
         return lines + ["No exchange-rate runs yet.", ""]
     plot = _plot(workdir / f"{stem}_exchange_rate.png", series, "images added per class", "top-1 %",
-                 "Real vs synthetic images added")
+                 "Real vs synthetic images added", styles)
     lines += [f"![]({plot.name})", "", *table, ""]
     if per_image:
         bases = sorted({b for by_base in per_image.values() for b in by_base})
