@@ -248,7 +248,8 @@ def test_linear_probe_on_the_whole_training_pool(tmp_path):
     assert 0 <= full["mean"] <= 100 and full["ci95"] > 0
     accuracies = episode_accuracies(tmp_path / "probe.json")
     assert list(accuracies) == [1, "full"] and len(accuracies[1]) == 3
-    assert "full: the classifier fitted on all 140 training images of every class" in (tmp_path / "probe.md").read_text()
+    note = (tmp_path / "probe.md").read_text()
+    assert "full: the classifier fitted on all 140 training images of every class" in note
     # the episodes are the same without the pool loader
     assert probe(train_pool=False, full_data=False)["results"] == record["results"][:1]
     assert full["n_way"] == 2
